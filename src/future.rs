@@ -1,0 +1,329 @@
+//! [`ResponseFuture`]: the life of one request.
+
+use std::{
+    any::Any,
+    fmt,
+    future::Future,
+    marker::PhantomData,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use futures_util::FutureExt;
+use pin_project_lite::pin_project;
+use tokio::time::{Sleep, sleep};
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::{
+    error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded},
+    flight::{FlightFuture, FlightGuard, FlightResult, Found, Lead, Value, Waiter, join_result},
+    key::{Extract, Extracted, Fingerprint},
+    layer::Core,
+    metrics::Outcome,
+    share::{Served, Share},
+};
+
+pin_project! {
+    /// The response future of [`RefreshCoalesce`](crate::RefreshCoalesce).
+    ///
+    /// Its steps, in order:
+    ///
+    /// 1. **Extract**: the [`Extract`] strategy finds the key (reading the body if it has to).
+    /// 2. **Look up** the key. A live replay is answered at once; a running flight is joined.
+    /// 3. **Admit** (verify) the request if nothing was found, then **lead**: insert a flight
+    ///    and spawn the inner call on the service this request readied. If another request
+    ///    inserted one meanwhile, join or replay that instead.
+    /// 4. **Wait** for the flight, at most `wait_timeout`.
+    ///
+    /// Dropping this future at any step is safe. A spawned inner call runs to completion (or
+    /// to the hard cap) whoever waits for it, and its task alone finishes the table entry,
+    /// so a refresh never runs twice for one key because a caller went away.
+    pub struct ResponseFuture<Req, S, X, P>
+    where
+        X: Extract<Req>,
+        S: Service<X::Request>,
+    {
+        #[pin]
+        state: State<X::Future, S::Future>,
+        inner: Option<S>,
+        core: Arc<Core<X, P>>,
+        _request: PhantomData<fn(Req)>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<XF, SF> {
+        Extracting { #[pin] future: XF },
+        Waiting { #[pin] deadline: Sleep, waiter: Waiter, served: Served },
+        Calling { #[pin] future: SF },
+        Done,
+    }
+}
+
+/// What a request does once its key is known.
+enum Step<T> {
+    Wait(Waiter, Served),
+    Answer(Value, Served),
+    Refuse(BoxError, Outcome),
+    Pass(T),
+}
+
+impl<Req, S, X, P> ResponseFuture<Req, S, X, P>
+where
+    X: Extract<Req>,
+    S: Service<X::Request>,
+{
+    pub(crate) fn new(future: X::Future, inner: S, core: Arc<Core<X, P>>) -> Self {
+        Self {
+            state: State::Extracting { future },
+            inner: Some(inner),
+            core,
+            _request: PhantomData,
+        }
+    }
+}
+
+impl<Req, S, X, P> Future for ResponseFuture<Req, S, X, P>
+where
+    X: Extract<Req> + Send + Sync + 'static,
+    S: Service<X::Request> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    P: Share<S::Response, S::Error>,
+{
+    type Output = Result<P::Response, P::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let core = &**this.core;
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Extracting { future } => {
+                    let step = match ready!(future.poll(cx)) {
+                        Err(error) => Step::Refuse(error, Outcome::Rejected),
+                        Ok(Extracted::Bypass(request)) => Step::Pass(request),
+                        Ok(Extracted::Coalesce {
+                            key,
+                            token,
+                            request,
+                        }) => begin(&*this.core, this.inner, key, token, request),
+                    };
+                    match step {
+                        Step::Wait(waiter, served) => this.state.set(State::Waiting {
+                            deadline: sleep(core.wait_timeout),
+                            waiter,
+                            served,
+                        }),
+                        Step::Pass(request) => {
+                            core.table.counters.record(Outcome::Bypassed);
+                            let mut inner = this.inner.take().expect("service taken once");
+                            this.state.set(State::Calling {
+                                future: inner.call(request),
+                            });
+                        }
+                        Step::Answer(value, served) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(answer::<S::Response, S::Error, X, P>(
+                                core, &value, served,
+                            ));
+                        }
+                        Step::Refuse(error, outcome) => {
+                            this.state.set(State::Done);
+                            core.table.counters.record(outcome);
+                            return Poll::Ready(core.share.reject(error));
+                        }
+                    }
+                }
+                StateProj::Waiting {
+                    deadline,
+                    waiter,
+                    served,
+                } => {
+                    if let Poll::Ready(result) = waiter.future.poll_unpin(cx) {
+                        let served = *served;
+                        this.state.set(State::Done);
+                        return Poll::Ready(match result {
+                            Ok(value) => {
+                                answer::<S::Response, S::Error, X, P>(core, &value, served)
+                            }
+                            Err(failed) => {
+                                core.table.counters.record(Outcome::LeaderFailed);
+                                core.share.reject(failed.into())
+                            }
+                        });
+                    }
+                    ready!(deadline.poll(cx));
+                    // The flight goes on without this caller; its result will be replayed.
+                    this.state.set(State::Done);
+                    core.table.counters.record(Outcome::TimedOut);
+                    return Poll::Ready(core.share.reject(Elapsed::new(core.wait_timeout).into()));
+                }
+                StateProj::Calling { future } => {
+                    let result = ready!(future.poll(cx));
+                    this.state.set(State::Done);
+                    return Poll::Ready(core.share.pass(result));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Steps 2 and 3: look the key up, or admit the request and lead a flight.
+fn begin<Req, S, X, P>(
+    core: &Arc<Core<X, P>>,
+    inner: &mut Option<S>,
+    key: Fingerprint,
+    token: X::Token,
+    request: X::Request,
+) -> Step<X::Request>
+where
+    X: Extract<Req> + Send + Sync + 'static,
+    S: Service<X::Request> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    P: Share<S::Response, S::Error>,
+{
+    let found = match core.table.find(&key) {
+        Ok(Found::Vacant) => {
+            let admission = match core.extract.admit(token) {
+                Ok(admission) => admission,
+                Err(error) => return Step::Refuse(error, Outcome::Rejected),
+            };
+            let inner = inner.take().expect("service taken once");
+            let started = core.table.lead(key, admission, |id| {
+                spawn_flight(core, inner, request, key, id)
+            });
+            match started {
+                Ok((Lead::Started(waiter), reuse)) => {
+                    core.table.counters.record(Outcome::Leader);
+                    if reuse {
+                        core.table.counters.reuse_suspected();
+                        tracing::warn!(
+                            flight = waiter.id,
+                            "reuse suspected: another token of this subject has a live entry"
+                        );
+                    }
+                    return Step::Wait(waiter, Served::Leader);
+                }
+                Ok((Lead::Found(found), _)) => Ok(found),
+                Err(error) => Err(error),
+            }
+        }
+        other => other,
+    };
+    match found {
+        Ok(Found::Replay(value)) => {
+            core.table.counters.record(Outcome::Replayed);
+            Step::Answer(value, Served::Replayed)
+        }
+        Ok(Found::Join(waiter)) => {
+            core.table.counters.record(Outcome::Joined);
+            tracing::debug!(flight = waiter.id, "joined flight");
+            Step::Wait(waiter, Served::Joined)
+        }
+        Ok(Found::Vacant) => unreachable!("lead never reports a vacant key"),
+        Err(error) => {
+            let outcome = if error.is::<Overloaded>() {
+                Outcome::Overloaded
+            } else {
+                Outcome::Rejected
+            };
+            Step::Refuse(error, outcome)
+        }
+    }
+}
+
+/// Spawns the inner call of flight `id` and returns the future its callers share.
+///
+/// Called under the table's shard lock: it only spawns. The task calls the inner service,
+/// lets the share policy store the result, and finishes the entry (replay or removal) before
+/// its join handle resolves, all under the hard cap. Its [`FlightGuard`] removes the entry
+/// if it panics or is cancelled.
+fn spawn_flight<X, P, S, R>(
+    core: &Arc<Core<X, P>>,
+    mut inner: S,
+    request: R,
+    key: Fingerprint,
+    id: u64,
+) -> FlightFuture
+where
+    X: Send + Sync + 'static,
+    S: Service<R> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+    P: Share<S::Response, S::Error>,
+{
+    let core = core.clone();
+    let span = tracing::debug_span!("refresh_coalesce_flight", flight = id);
+    let task = async move {
+        let guard = FlightGuard::new(core.table.clone(), key, id);
+        let call = async {
+            let result = inner.call(request).await;
+            core.share.share(result).await
+        };
+        match tokio::time::timeout(core.hard_cap, call).await {
+            Ok(value) => {
+                let replay = core.share.is_replayable(&value);
+                let value: Value = Arc::new(value);
+                guard.complete(&value, replay);
+                Ok(value)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    flight = id,
+                    "inner call exceeded the hard cap and was aborted"
+                );
+                Err(LeaderFailed::new(Failure::HardCap))
+            }
+        }
+    };
+    let handle = tokio::spawn(task.instrument(span));
+    let future: Pin<Box<dyn Future<Output = FlightResult> + Send>> =
+        Box::pin(handle.map(join_result));
+    future.shared()
+}
+
+/// Builds one caller's response from a flight's value.
+fn answer<R, E, X, P>(
+    core: &Core<X, P>,
+    value: &Arc<dyn Any + Send + Sync>,
+    served: Served,
+) -> Result<P::Response, P::Error>
+where
+    P: Share<R, E>,
+{
+    match value.downcast_ref::<P::Value>() {
+        Some(value) => core.share.respond(value, served),
+        None => {
+            core.table.counters.record(Outcome::LeaderFailed);
+            core.share
+                .reject(LeaderFailed::new(Failure::Incompatible).into())
+        }
+    }
+}
+
+impl<Req, S, X, P> fmt::Debug for ResponseFuture<Req, S, X, P>
+where
+    X: Extract<Req>,
+    S: Service<X::Request>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Extracting { .. } => "extracting",
+            State::Waiting { served, .. } => served.as_str(),
+            State::Calling { .. } => "calling",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,298 @@
+//! How a request becomes a key.
+//!
+//! Every entry of the coalescing table is addressed by a [`Fingerprint`]: a 32-byte digest.
+//! The HTTP front derives it with a keyed hash ([`Fingerprinter`]) from the exact token bytes
+//! and the client binding, so raw tokens are never stored, logged or used as keys. For other
+//! request types, any [`Extract`] strategy works; a closure `Fn(&Req) -> Option<K>` with
+//! `K: Into<Fingerprint>` is one.
+
+use std::{
+    fmt,
+    future::{Future, Ready, ready},
+    hash::{Hash, Hasher},
+    time::SystemTime,
+};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+use crate::error::BoxError;
+
+/// A 32-byte digest that names one entry of the table.
+///
+/// Two requests coalesce exactly when their fingerprints are equal. Build one with
+/// [`Fingerprint::of`] (SHA-256 of some bytes), from a string or integer with `From`, or with
+/// a keyed [`Fingerprinter`] when the input is a secret such as a token.
+///
+/// ```
+/// use tower_refresh_coalesce::Fingerprint;
+///
+/// assert_eq!(Fingerprint::from("user-1"), Fingerprint::of(b"user-1"));
+/// assert_ne!(Fingerprint::from("user-1"), Fingerprint::from("user-2"));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Wraps a digest computed elsewhere.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The SHA-256 digest of `data` (unkeyed: use a [`Fingerprinter`] for secrets).
+    pub fn of(data: impl AsRef<[u8]>) -> Self {
+        Self(Sha256::digest(data.as_ref()).into())
+    }
+
+    /// The digest bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The digest as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        use fmt::Write;
+        let mut out = String::with_capacity(64);
+        for byte in self.0 {
+            let _ = write!(out, "{byte:02x}");
+        }
+        out
+    }
+}
+
+impl Hash for Fingerprint {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // The bytes are a cryptographic digest: any 8 of them are uniformly distributed, and
+        // equal fingerprints hash equally. Hashing all 32 would only cost time on the hot path.
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(head));
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hex = self.to_hex();
+        write!(f, "Fingerprint({}…)", &hex[..12])
+    }
+}
+
+impl From<&str> for Fingerprint {
+    fn from(value: &str) -> Self {
+        Self::of(value)
+    }
+}
+
+impl From<String> for Fingerprint {
+    fn from(value: String) -> Self {
+        Self::of(value)
+    }
+}
+
+impl From<&[u8]> for Fingerprint {
+    fn from(value: &[u8]) -> Self {
+        Self::of(value)
+    }
+}
+
+impl From<u64> for Fingerprint {
+    fn from(value: u64) -> Self {
+        Self::of(value.to_le_bytes())
+    }
+}
+
+impl From<[u8; 32]> for Fingerprint {
+    fn from(value: [u8; 32]) -> Self {
+        Self(value)
+    }
+}
+
+/// A keyed hash (HMAC-SHA256) over a per-deployment secret.
+///
+/// Fingerprints of tokens are computed with it, so a leaked table, log line or Redis key
+/// cannot be matched against a token without the secret. Every part is length-prefixed and
+/// every use names a domain, so `("ab", "c")` and `("a", "bc")` never collide, nor do a token
+/// and a subject with the same bytes.
+///
+/// ```
+/// use tower_refresh_coalesce::Fingerprinter;
+///
+/// let fp = Fingerprinter::new(b"deployment secret");
+/// let a = fp.fingerprint("token", &[b"eyJ...", b"client-1"]);
+/// assert_eq!(a, fp.fingerprint("token", &[b"eyJ...", b"client-1"]));
+/// assert_ne!(a, fp.fingerprint("token", &[b"eyJ...", b"client-2"]));
+/// assert_ne!(a, Fingerprinter::new(b"another secret").fingerprint("token", &[b"eyJ...", b"client-1"]));
+/// ```
+#[derive(Clone)]
+pub struct Fingerprinter {
+    mac: Hmac<Sha256>,
+}
+
+impl Fingerprinter {
+    /// A fingerprinter keyed with `secret`. Every instance of a deployment must use the same
+    /// secret for their keys to meet (in Redis, for example).
+    pub fn new(secret: impl AsRef<[u8]>) -> Self {
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_ref())
+            .expect("HMAC accepts keys of any length");
+        Self { mac }
+    }
+
+    /// A fingerprinter keyed with 32 random bytes from the operating system.
+    ///
+    /// Fingerprints then differ between processes, which is right for a single instance and
+    /// wrong for several instances that coordinate through a shared store.
+    pub fn random() -> Self {
+        Self::new(random_bytes::<32>())
+    }
+
+    /// The fingerprint of `parts` in `domain`.
+    pub fn fingerprint(&self, domain: &str, parts: &[&[u8]]) -> Fingerprint {
+        let mut mac = self.mac.clone();
+        update_prefixed(&mut mac, domain.as_bytes());
+        for part in parts {
+            update_prefixed(&mut mac, part);
+        }
+        Fingerprint(mac.finalize().into_bytes().into())
+    }
+}
+
+fn update_prefixed(mac: &mut Hmac<Sha256>, part: &[u8]) {
+    mac.update(&(part.len() as u64).to_be_bytes());
+    mac.update(part);
+}
+
+/// `N` random bytes from the operating system.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::getrandom(&mut bytes).expect("the operating system's random source failed");
+    bytes
+}
+
+impl fmt::Debug for Fingerprinter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprinter { secret: <redacted> }")
+    }
+}
+
+/// What a verified request tells the table about its entry.
+///
+/// A request that leads a flight is admitted once; requests that later match its entry
+/// skip verification (they carry the same bytes) but are still refused once `not_after` has
+/// passed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    group: Option<Fingerprint>,
+    not_after: Option<SystemTime>,
+}
+
+impl Admission {
+    /// An admission with no group and no expiry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts the entry in `group` (the HTTP front uses the token's subject), so that
+    /// [`Handle::invalidate_group`](crate::Handle::invalidate_group) reaches it.
+    #[must_use]
+    pub fn group(mut self, group: Fingerprint) -> Self {
+        self.group = Some(group);
+        self
+    }
+
+    /// Refuses requests that match the entry after `not_after` (the token's `exp`).
+    #[must_use]
+    pub fn not_after(mut self, not_after: SystemTime) -> Self {
+        self.not_after = Some(not_after);
+        self
+    }
+
+    /// The entry's group, if any.
+    pub fn group_key(&self) -> Option<&Fingerprint> {
+        self.group.as_ref()
+    }
+
+    /// The time after which matching requests are refused, if any.
+    pub fn expires(&self) -> Option<SystemTime> {
+        self.not_after
+    }
+}
+
+/// The outcome of [`Extract::extract`].
+#[derive(Debug)]
+pub enum Extracted<T, R> {
+    /// Coalesce the request under `key`. If no entry exists for the key, `token` is passed
+    /// to [`Extract::admit`] before the request may lead a flight.
+    Coalesce {
+        /// The table key.
+        key: Fingerprint,
+        /// Whatever [`Extract::admit`] needs to verify the request.
+        token: T,
+        /// The request to hand to the inner service if this request leads.
+        request: R,
+    },
+    /// Do not coalesce: call the inner service directly.
+    Bypass(R),
+}
+
+/// How a request becomes a key, and how a request that has to lead is verified.
+///
+/// The service calls [`extract`](Extract::extract) on every request. If the table holds a
+/// live entry for the key, the request joins or replays it; otherwise it must be
+/// [`admit`](Extract::admit)ted first, and only then may it call the inner service. This
+/// order lets requests that carry bytes already verified skip a second verification.
+///
+/// Any `Fn(&Req) -> Option<K>` with `K: Into<Fingerprint>` is an `Extract`: `None` bypasses
+/// the table and every request is admitted.
+///
+/// ```
+/// use tower_refresh_coalesce::{Extract, Fingerprint};
+///
+/// fn by_user(req: &(u64, &'static str)) -> Option<u64> {
+///     Some(req.0)
+/// }
+/// fn assert_extract<E: Extract<(u64, &'static str)>>(_: E) {}
+/// assert_extract(by_user);
+/// ```
+pub trait Extract<Req> {
+    /// The request handed to the inner service.
+    type Request: Send + 'static;
+    /// What [`admit`](Extract::admit) verifies.
+    type Token: Send + 'static;
+    /// The future returned by [`extract`](Extract::extract).
+    type Future: Future<Output = Result<Extracted<Self::Token, Self::Request>, BoxError>>
+        + Send
+        + 'static;
+
+    /// Finds the key of `request`. An error refuses the request without calling the inner
+    /// service (the HTTP front answers it with `400`, `401` or `413`).
+    fn extract(&self, request: Req) -> Self::Future;
+
+    /// Verifies a request that is about to lead a flight. An error refuses it.
+    fn admit(&self, token: Self::Token) -> Result<Admission, BoxError>;
+}
+
+impl<Req, K, F> Extract<Req> for F
+where
+    F: Fn(&Req) -> Option<K>,
+    K: Into<Fingerprint>,
+    Req: Send + 'static,
+{
+    type Request = Req;
+    type Token = ();
+    type Future = Ready<Result<Extracted<(), Req>, BoxError>>;
+
+    fn extract(&self, request: Req) -> Self::Future {
+        ready(Ok(match self(&request) {
+            Some(key) => Extracted::Coalesce {
+                key: key.into(),
+                token: (),
+                request,
+            },
+            None => Extracted::Bypass(request),
+        }))
+    }
+
+    fn admit(&self, _token: ()) -> Result<Admission, BoxError> {
+        Ok(Admission::new())
+    }
+}

@@ -1,0 +1,236 @@
+//! [`RefreshCoalesceLayer`] and its builder: configuration only, no I/O.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use tower_layer::Layer;
+
+use crate::{
+    flight::{Limits, Table},
+    handle::Handle,
+    service::RefreshCoalesce,
+    share::CloneResponse,
+};
+
+/// Applies [`RefreshCoalesce`] to a service: concurrent requests with the same key become one
+/// call of the inner service, every caller gets the same result, and the result is replayed
+/// to late retries for a short window.
+///
+/// The table of flights and replays is created when the layer is built and lives in an
+/// `Arc`: **every service this layer makes, and every clone of those services, shares one
+/// table.** Frameworks that call [`Layer::layer`] several times (axum does, once per route
+/// and method) therefore still coalesce across all of them. Build a second layer for a
+/// separate table.
+///
+/// `X` is the [`Extract`](crate::Extract) strategy (how a request becomes a key), `P` the
+/// [`Share`](crate::Share) policy (how a result is stored and answered).
+///
+/// ```
+/// use std::{convert::Infallible, time::Duration};
+/// use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+/// use tower_refresh_coalesce::RefreshCoalesceLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_refresh_coalesce::BoxError> {
+/// // Requests are (user, refresh token); coalesce by token.
+/// let layer = RefreshCoalesceLayer::builder(|req: &(u32, String)| Some(req.1.clone()))
+///     .ttl(Duration::from_secs(30))
+///     .wait_timeout(Duration::from_secs(10))
+///     .build();
+/// let handle = layer.handle();
+///
+/// let mut service = ServiceBuilder::new()
+///     .layer(layer)
+///     .service(service_fn(|(user, _token): (u32, String)| async move {
+///         Ok::<_, Infallible>(format!("new pair for user {user}"))
+///     }));
+///
+/// let response = service.ready().await?.call((7, "r1".to_owned())).await?;
+/// assert_eq!(response, "new pair for user 7");
+/// assert_eq!(handle.stats().leader, 1);
+/// # Ok(())
+/// # }
+/// ```
+pub struct RefreshCoalesceLayer<X, P = CloneResponse> {
+    core: Arc<Core<X, P>>,
+}
+
+/// Everything the services of one layer share.
+pub(crate) struct Core<X, P> {
+    pub(crate) extract: X,
+    pub(crate) share: P,
+    pub(crate) table: Arc<Table>,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) hard_cap: Duration,
+}
+
+impl<X> RefreshCoalesceLayer<X> {
+    /// A layer with the default settings that keys requests with `extract`.
+    pub fn new(extract: X) -> Self {
+        Self::builder(extract).build()
+    }
+
+    /// A builder that keys requests with `extract`.
+    pub fn builder(extract: X) -> Builder<X> {
+        Builder {
+            extract,
+            share: CloneResponse::new(),
+            ttl: Duration::from_secs(30),
+            wait_timeout: Duration::from_secs(10),
+            hard_cap: Duration::from_secs(30),
+            max_entries: 100_000,
+            max_waiters: 10_000,
+            max_replays: None,
+        }
+    }
+}
+
+impl<X, P> RefreshCoalesceLayer<X, P> {
+    /// A handle on this layer's table, for invalidation and statistics.
+    pub fn handle(&self) -> Handle {
+        Handle::new(self.core.table.clone())
+    }
+}
+
+impl<X, P> Clone for RefreshCoalesceLayer<X, P> {
+    fn clone(&self) -> Self {
+        Self {
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl<S, X, P> Layer<S> for RefreshCoalesceLayer<X, P> {
+    type Service = RefreshCoalesce<S, X, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RefreshCoalesce::new(inner, self.core.clone())
+    }
+}
+
+impl<X, P> fmt::Debug for RefreshCoalesceLayer<X, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshCoalesceLayer")
+            .field("core", &self.core)
+            .finish()
+    }
+}
+
+impl<X, P> fmt::Debug for Core<X, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Core")
+            .field("table", &self.table)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("hard_cap", &self.hard_cap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`RefreshCoalesceLayer`]; start with [`RefreshCoalesceLayer::builder`].
+pub struct Builder<X, P = CloneResponse> {
+    extract: X,
+    share: P,
+    ttl: Duration,
+    wait_timeout: Duration,
+    hard_cap: Duration,
+    max_entries: usize,
+    max_waiters: usize,
+    max_replays: Option<u32>,
+}
+
+impl<X, P> Builder<X, P> {
+    /// How long a replayable result is replayed to later requests with the same key.
+    /// Default: 30 seconds. Keep it shorter than the identity server's reuse window.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a caller waits for a flight before it gets [`Elapsed`](crate::error::Elapsed)
+    /// (the HTTP front answers `429` with `Retry-After`). Default: 10 seconds.
+    #[must_use]
+    pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
+        self.wait_timeout = wait_timeout;
+        self
+    }
+
+    /// How long the inner call may run before it is aborted and its callers get
+    /// [`LeaderFailed`](crate::error::LeaderFailed). Default: 30 seconds.
+    #[must_use]
+    pub fn hard_cap(mut self, hard_cap: Duration) -> Self {
+        self.hard_cap = hard_cap;
+        self
+    }
+
+    /// The most live entries (flights and replays) the table holds; a request that would
+    /// add one more gets [`Overloaded`](crate::error::Overloaded) at once. Default: 100,000.
+    #[must_use]
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries;
+        self
+    }
+
+    /// The most callers that may wait on one flight; one more gets
+    /// [`Overloaded`](crate::error::Overloaded) at once. Default: 10,000.
+    #[must_use]
+    pub fn max_waiters(mut self, max_waiters: usize) -> Self {
+        self.max_waiters = max_waiters;
+        self
+    }
+
+    /// The most times one result is replayed; after that, requests with its key reach the
+    /// inner service again. Default: no limit within the TTL.
+    #[must_use]
+    pub fn max_replays(mut self, max_replays: u32) -> Self {
+        self.max_replays = Some(max_replays);
+        self
+    }
+
+    /// Installs the policy that stores, replays and answers results. Default:
+    /// [`CloneResponse`], which clones `Clone` responses and replays every `Ok`.
+    #[must_use]
+    pub fn share<P2>(self, share: P2) -> Builder<X, P2> {
+        Builder {
+            extract: self.extract,
+            share,
+            ttl: self.ttl,
+            wait_timeout: self.wait_timeout,
+            hard_cap: self.hard_cap,
+            max_entries: self.max_entries,
+            max_waiters: self.max_waiters,
+            max_replays: self.max_replays,
+        }
+    }
+
+    /// Builds the layer and its table.
+    pub fn build(self) -> RefreshCoalesceLayer<X, P> {
+        let table = Table::new(Limits {
+            ttl: self.ttl,
+            max_entries: self.max_entries,
+            max_waiters: self.max_waiters,
+            max_replays: self.max_replays,
+        });
+        RefreshCoalesceLayer {
+            core: Arc::new(Core {
+                extract: self.extract,
+                share: self.share,
+                table: Arc::new(table),
+                wait_timeout: self.wait_timeout,
+                hard_cap: self.hard_cap,
+            }),
+        }
+    }
+}
+
+impl<X, P> fmt::Debug for Builder<X, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("ttl", &self.ttl)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("hard_cap", &self.hard_cap)
+            .field("max_entries", &self.max_entries)
+            .field("max_waiters", &self.max_waiters)
+            .field("max_replays", &self.max_replays)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,138 @@
+//! Counters and gauges.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// How a request ended, one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// It started a flight.
+    Leader,
+    /// It joined a running flight.
+    Joined,
+    /// It was answered from a replay.
+    Replayed,
+    /// It was refused before any coalescing (no token, invalid token, body too large).
+    Rejected,
+    /// It waited `wait_timeout` and gave up.
+    TimedOut,
+    /// A limit turned it away.
+    Overloaded,
+    /// Its flight's inner call panicked, was aborted or cancelled.
+    LeaderFailed,
+    /// It was not coalesced and went straight to the inner service.
+    Bypassed,
+}
+
+impl Outcome {
+    /// Every outcome, in a fixed order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Leader,
+        Outcome::Joined,
+        Outcome::Replayed,
+        Outcome::Rejected,
+        Outcome::TimedOut,
+        Outcome::Overloaded,
+        Outcome::LeaderFailed,
+        Outcome::Bypassed,
+    ];
+
+    /// The outcome's name in snake case, as used for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Leader => "leader",
+            Outcome::Joined => "joined",
+            Outcome::Replayed => "replayed",
+            Outcome::Rejected => "rejected",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Overloaded => "overloaded",
+            Outcome::LeaderFailed => "leader_failed",
+            Outcome::Bypassed => "bypassed",
+        }
+    }
+}
+
+/// A snapshot of the layer's counters and gauges, from [`Handle::stats`](crate::Handle::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Requests that started a flight (one inner call each).
+    pub leader: u64,
+    /// Requests that joined a running flight.
+    pub joined: u64,
+    /// Requests answered from a replay.
+    pub replayed: u64,
+    /// Requests refused before any coalescing.
+    pub rejected: u64,
+    /// Requests that waited `wait_timeout` and gave up.
+    pub timed_out: u64,
+    /// Requests a limit turned away.
+    pub overloaded: u64,
+    /// Requests whose flight failed (panic, hard cap, cancellation).
+    pub leader_failed: u64,
+    /// Requests that bypassed the table.
+    pub bypassed: u64,
+    /// Leaders whose group (subject) already had a live entry for another key: a second
+    /// token of the same subject, which can be an old, already rotated token replayed by
+    /// someone else.
+    pub reuse_suspected: u64,
+    /// Inner calls running now.
+    pub in_flight: u64,
+    /// Live entries (flights and replays) in the table now.
+    pub entries: u64,
+}
+
+impl Stats {
+    /// The counter of `outcome`.
+    pub fn outcome(&self, outcome: Outcome) -> u64 {
+        match outcome {
+            Outcome::Leader => self.leader,
+            Outcome::Joined => self.joined,
+            Outcome::Replayed => self.replayed,
+            Outcome::Rejected => self.rejected,
+            Outcome::TimedOut => self.timed_out,
+            Outcome::Overloaded => self.overloaded,
+            Outcome::LeaderFailed => self.leader_failed,
+            Outcome::Bypassed => self.bypassed,
+        }
+    }
+}
+
+/// The live counters, shared by every service of a layer.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    reuse_suspected: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn record(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("refresh_coalesce_requests_total", "outcome" => outcome.as_str())
+            .increment(1);
+    }
+
+    pub(crate) fn reuse_suspected(&self) {
+        self.reuse_suspected.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("refresh_coalesce_reuse_suspected_total").increment(1);
+    }
+
+    pub(crate) fn snapshot(&self, in_flight: u64, entries: u64) -> Stats {
+        let get = |o: Outcome| self.outcomes[o as usize].load(Relaxed);
+        Stats {
+            leader: get(Outcome::Leader),
+            joined: get(Outcome::Joined),
+            replayed: get(Outcome::Replayed),
+            rejected: get(Outcome::Rejected),
+            timed_out: get(Outcome::TimedOut),
+            overloaded: get(Outcome::Overloaded),
+            leader_failed: get(Outcome::LeaderFailed),
+            bypassed: get(Outcome::Bypassed),
+            reuse_suspected: self.reuse_suspected.load(Relaxed),
+            in_flight,
+            entries,
+        }
+    }
+}
