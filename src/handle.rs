@@ -2,7 +2,11 @@
 
 use std::{fmt, sync::Arc};
 
-use crate::{flight::Table, key::Fingerprint, metrics::Stats};
+use crate::{
+    flight::Table,
+    key::{Fingerprint, Fingerprinter},
+    metrics::Stats,
+};
 
 /// A cheap-to-clone handle on the table of a [`RefreshCoalesceLayer`](crate::RefreshCoalesceLayer).
 ///
@@ -12,11 +16,12 @@ use crate::{flight::Table, key::Fingerprint, metrics::Stats};
 #[derive(Clone)]
 pub struct Handle {
     table: Arc<Table>,
+    keys: Option<Fingerprinter>,
 }
 
 impl Handle {
-    pub(crate) fn new(table: Arc<Table>) -> Self {
-        Self { table }
+    pub(crate) fn new(table: Arc<Table>, keys: Option<Fingerprinter>) -> Self {
+        Self { table, keys }
     }
 
     /// Removes the entry of `key`, whether a replay or a running flight; returns whether
@@ -32,6 +37,29 @@ impl Handle {
     /// returns how many.
     pub fn invalidate_group(&self, group: &Fingerprint) -> usize {
         self.table.invalidate_group(group)
+    }
+
+    /// Removes the entry of refresh token `token` presented by `client_id` (the Basic user or
+    /// form `client_id` of the request, `None` if it had none); returns whether there was
+    /// one.
+    ///
+    /// Only layers built with [`RefreshCoalesceLayer::http`](crate::RefreshCoalesceLayer::http)
+    /// key entries by token; on other layers this finds nothing and returns `false`.
+    pub fn invalidate_token(&self, token: &str, client_id: Option<&str>) -> bool {
+        self.keys
+            .as_ref()
+            .is_some_and(|keys| self.invalidate(&keys.token_key(token, client_id)))
+    }
+
+    /// Removes every entry of tokens whose subject is `subject`, for every client; returns
+    /// how many. Call it on logout and password change.
+    ///
+    /// Only layers built with [`RefreshCoalesceLayer::http`](crate::RefreshCoalesceLayer::http)
+    /// group entries by subject; on other layers this returns `0`.
+    pub fn invalidate_subject(&self, subject: &str) -> usize {
+        self.keys.as_ref().map_or(0, |keys| {
+            self.invalidate_group(&keys.subject_group(subject))
+        })
     }
 
     /// A snapshot of the counters and gauges.

@@ -156,6 +156,32 @@ impl Fingerprinter {
     }
 }
 
+impl Fingerprinter {
+    /// The key of a refresh token presented by `client` (the Basic user or the form's
+    /// `client_id`, if any).
+    pub(crate) fn token_key(&self, token: &str, client: Option<&str>) -> Fingerprint {
+        let (bound, client) = match client {
+            Some(client) => (&b"1"[..], client.as_bytes()),
+            None => (&b"0"[..], &b""[..]),
+        };
+        self.fingerprint("refresh-token", &[token.as_bytes(), bound, client])
+    }
+
+    /// The key of a subject's requests when matching by subject is opted into.
+    pub(crate) fn subject_key(&self, subject: &str, client: Option<&str>) -> Fingerprint {
+        let (bound, client) = match client {
+            Some(client) => (&b"1"[..], client.as_bytes()),
+            None => (&b"0"[..], &b""[..]),
+        };
+        self.fingerprint("subject-key", &[subject.as_bytes(), bound, client])
+    }
+
+    /// The group of a subject's entries.
+    pub(crate) fn subject_group(&self, subject: &str) -> Fingerprint {
+        self.fingerprint("subject", &[subject.as_bytes()])
+    }
+}
+
 fn update_prefixed(mac: &mut Hmac<Sha256>, part: &[u8]) {
     mac.update(&(part.len() as u64).to_be_bytes());
     mac.update(part);

@@ -7,6 +7,7 @@ use tower_layer::Layer;
 use crate::{
     flight::{Limits, Table},
     handle::Handle,
+    key::Fingerprinter,
     service::RefreshCoalesce,
     share::CloneResponse,
 };
@@ -61,6 +62,8 @@ pub(crate) struct Core<X, P> {
     pub(crate) table: Arc<Table>,
     pub(crate) wait_timeout: Duration,
     pub(crate) hard_cap: Duration,
+    /// The fingerprint keys of the HTTP front, for invalidation by token or subject.
+    pub(crate) keys: Option<Fingerprinter>,
 }
 
 impl<X> RefreshCoalesceLayer<X> {
@@ -80,14 +83,35 @@ impl<X> RefreshCoalesceLayer<X> {
             max_entries: 100_000,
             max_waiters: 10_000,
             max_replays: None,
+            keys: None,
         }
+    }
+}
+
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+impl<V: crate::token::Verify>
+    RefreshCoalesceLayer<crate::http::HttpExtract<V>, crate::http::HttpShare>
+{
+    /// A builder for the HTTP front: `extract` finds and verifies the refresh token,
+    /// [`HttpShare`](crate::http::HttpShare) shares whole responses and writes refusals.
+    ///
+    /// Its [`Handle`] can invalidate by token and by subject.
+    pub fn http(
+        extract: crate::http::HttpExtract<V>,
+    ) -> Builder<crate::http::HttpExtract<V>, crate::http::HttpShare> {
+        let keys = extract.keys().clone();
+        let mut builder =
+            RefreshCoalesceLayer::builder(extract).share(crate::http::HttpShare::new());
+        builder.keys = Some(keys);
+        builder
     }
 }
 
 impl<X, P> RefreshCoalesceLayer<X, P> {
     /// A handle on this layer's table, for invalidation and statistics.
     pub fn handle(&self) -> Handle {
-        Handle::new(self.core.table.clone())
+        Handle::new(self.core.table.clone(), self.core.keys.clone())
     }
 }
 
@@ -135,6 +159,7 @@ pub struct Builder<X, P = CloneResponse> {
     max_entries: usize,
     max_waiters: usize,
     max_replays: Option<u32>,
+    keys: Option<Fingerprinter>,
 }
 
 impl<X, P> Builder<X, P> {
@@ -199,6 +224,7 @@ impl<X, P> Builder<X, P> {
             max_entries: self.max_entries,
             max_waiters: self.max_waiters,
             max_replays: self.max_replays,
+            keys: self.keys,
         }
     }
 
@@ -217,6 +243,7 @@ impl<X, P> Builder<X, P> {
                 table: Arc::new(table),
                 wait_timeout: self.wait_timeout,
                 hard_cap: self.hard_cap,
+                keys: self.keys,
             }),
         }
     }

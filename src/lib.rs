@@ -107,6 +107,12 @@
 
 pub mod error;
 pub mod future;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod token;
 
 mod flight;
 mod handle;
@@ -124,4 +130,12 @@ pub use crate::{
     metrics::{Outcome, Stats},
     service::RefreshCoalesce,
     share::{CloneResponse, ReplayAll, ReplayPredicate, Served, Share},
+};
+
+#[cfg(feature = "jwt")]
+pub use crate::token::JwtVerifier;
+#[cfg(feature = "http")]
+pub use crate::{
+    http::{HttpExtract, HttpShare},
+    token::{Opaque, TokenSource, Verified, Verify},
 };

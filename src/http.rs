@@ -1,0 +1,1029 @@
+//! The HTTP front: find and verify the refresh token of an `http::Request`, share whole
+//! `http::Response`s, and answer refusals with JSON (or gRPC statuses).
+//!
+//! [`HttpExtract`] is the [`Extract`] strategy and [`HttpShare`] the [`Share`] policy;
+//! [`RefreshCoalesceLayer::http`](crate::RefreshCoalesceLayer::http) puts them together.
+//! The inner service receives `http::Request<RequestBody<B>>` and its responses reach callers
+//! as `http::Response<ResponseBody<B>>`; axum, hyper and tonic services accept both.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use ::http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version,
+    header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE},
+};
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use pin_project_lite::pin_project;
+
+use crate::{
+    error::{BoxError, Elapsed, LeaderFailed, Overloaded, Rejected, Rejection},
+    key::{Admission, Extract, Extracted, Fingerprinter},
+    share::{Served, Share},
+    token::{
+        DEFAULT_MAX_TOKEN_LEN, TokenSource, Verified, Verify, check_shape,
+        source::{self, BodyKind},
+    },
+};
+
+/// The request body cap by default: 16 KiB.
+pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
+/// The largest response shared by default: 64 KiB.
+pub const DEFAULT_MAX_RESPONSE: usize = 64 * 1024;
+/// The response header that reports how a caller was served, when enabled.
+pub const COALESCED_HEADER: HeaderName = HeaderName::from_static("x-refresh-coalesced");
+
+// ---------------------------------------------------------------------------------------
+// Request side
+// ---------------------------------------------------------------------------------------
+
+/// Finds the refresh token of an HTTP request, keys it, and verifies it before it may lead.
+///
+/// - The [`TokenSource`]s are tried in order (by default Bearer, the cookie
+///   `refresh_token`, the JSON field `refresh_token`, and the RFC 6749 form). The body is
+///   read only when a body source is configured and the content type is JSON or a form,
+///   capped at [`body_limit`](Self::body_limit); the inner service receives the same bytes.
+/// - The key is a keyed hash of the exact token and the client binding (the
+///   `Authorization: Basic` user or the form's `client_id`): one client's retries meet one
+///   entry, and another client presenting the same token does not share its response.
+/// - A request that finds no entry is verified with `V` (for example a
+///   [`JwtVerifier`](crate::token::JwtVerifier)) before it may call the inner service.
+///   Entries are grouped by the verified subject.
+///
+/// Cloning is cheap; clones share the configuration.
+pub struct HttpExtract<V> {
+    inner: Arc<ExtractConfig<V>>,
+}
+
+struct ExtractConfig<V> {
+    sources: Vec<TokenSource>,
+    reads_body: bool,
+    body_limit: usize,
+    max_token_len: usize,
+    keys: Fingerprinter,
+    verifier: V,
+    by_subject: bool,
+}
+
+impl<V: Verify> HttpExtract<V> {
+    /// Verifies tokens with `verifier`, looks for them in [`TokenSource::defaults`], and keys
+    /// them with a random secret (right for one instance; set [`secret`](Self::secret) when
+    /// several instances coordinate).
+    pub fn new(verifier: V) -> Self {
+        let sources = TokenSource::defaults();
+        Self {
+            inner: Arc::new(ExtractConfig {
+                reads_body: sources.iter().any(TokenSource::reads_body),
+                sources,
+                body_limit: DEFAULT_BODY_LIMIT,
+                max_token_len: DEFAULT_MAX_TOKEN_LEN,
+                keys: Fingerprinter::random(),
+                verifier,
+                by_subject: false,
+            }),
+        }
+    }
+
+    fn config(mut self, change: impl FnOnce(&mut ExtractConfig<V>)) -> Self {
+        let config = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
+        change(config);
+        self
+    }
+
+    /// Where tokens are looked for, in order. Default: [`TokenSource::defaults`].
+    #[must_use]
+    pub fn sources(self, sources: impl IntoIterator<Item = TokenSource>) -> Self {
+        self.config(|c| {
+            c.sources = sources.into_iter().collect();
+            c.reads_body = c.sources.iter().any(TokenSource::reads_body);
+        })
+    }
+
+    /// The most request-body bytes read to find a token; beyond it the request gets `413`.
+    /// Default: 16 KiB.
+    #[must_use]
+    pub fn body_limit(self, limit: usize) -> Self {
+        self.config(|c| c.body_limit = limit)
+    }
+
+    /// The longest token accepted, in bytes. Default: 4096.
+    #[must_use]
+    pub fn max_token_len(self, max: usize) -> Self {
+        self.config(|c| c.max_token_len = max)
+    }
+
+    /// The per-deployment secret of the keyed fingerprints. Default: 32 random bytes, which
+    /// differ per process; instances that coordinate through a shared store need the same.
+    #[must_use]
+    pub fn secret(self, secret: impl AsRef<[u8]>) -> Self {
+        let keys = Fingerprinter::new(secret);
+        self.config(|c| c.keys = keys)
+    }
+
+    /// **Unsafe with rotating tokens; opt in only if you understand why.** Matches requests
+    /// by the token's *subject* (and client) instead of the exact token.
+    ///
+    /// Every request is then verified before it is matched, and any valid token of a user
+    /// gets the user's live result: an old, already rotated token (possibly a stolen one)
+    /// receives the fresh pair, and the identity server never sees the reuse it would have
+    /// detected; two devices of one user receive each other's session. Use it only when
+    /// refresh tokens do not rotate and responses carry nothing device-specific.
+    #[must_use]
+    pub fn match_by_subject(self) -> Self {
+        self.config(|c| c.by_subject = true)
+    }
+
+    /// The keys of this extractor's fingerprints, for invalidation by token or subject.
+    pub(crate) fn keys(&self) -> &Fingerprinter {
+        &self.inner.keys
+    }
+}
+
+impl<V> Clone for HttpExtract<V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<V> fmt::Debug for HttpExtract<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpExtract")
+            .field("sources", &self.inner.sources)
+            .field("body_limit", &self.inner.body_limit)
+            .field("max_token_len", &self.inner.max_token_len)
+            .field("by_subject", &self.inner.by_subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token found in a request, waiting to be verified if the request has to lead.
+///
+/// Opaque: it never prints the token.
+pub struct Candidate {
+    inner: CandidateKind,
+}
+
+enum CandidateKind {
+    Token(String),
+    Admitted(Admission),
+}
+
+impl fmt::Debug for Candidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Candidate(<redacted>)")
+    }
+}
+
+impl<B, V> Extract<Request<B>> for HttpExtract<V>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    V: Verify,
+{
+    type Request = Request<RequestBody<B>>;
+    type Token = Candidate;
+    type Future = ExtractFuture<B>;
+
+    fn extract(&self, request: Request<B>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        let kind = source::body_kind(&parts.headers);
+        if !(self.inner.reads_body && matches!(kind, Some(BodyKind::Json | BodyKind::Form))) {
+            // Header sources only: decided now, and the body streams on untouched.
+            let has_body = !body.is_end_stream();
+            let result = self
+                .inner
+                .finish(parts, RequestBody::streaming(body), None, has_body);
+            return ExtractFuture::ready(result);
+        }
+        let config = self.inner.clone();
+        ExtractFuture::reading(async move {
+            let limit = config.body_limit;
+            let bytes = read_body(body, &parts.headers, limit).await?;
+            let kind = kind.unwrap_or(BodyKind::Other);
+            let has_body = !bytes.is_empty();
+            let body = RequestBody::buffered(bytes.clone());
+            config.finish(parts, body, Some((&bytes, kind)), has_body)
+        })
+    }
+
+    fn admit(&self, candidate: Candidate) -> Result<Admission, BoxError> {
+        match candidate.inner {
+            CandidateKind::Token(token) => Ok(self.inner.admission(&token)?),
+            CandidateKind::Admitted(admission) => Ok(admission),
+        }
+    }
+}
+
+type ExtractResult<B> = Result<Extracted<Candidate, Request<RequestBody<B>>>, BoxError>;
+
+impl<V: Verify> ExtractConfig<V> {
+    fn finish<B>(
+        &self,
+        parts: ::http::request::Parts,
+        body: RequestBody<B>,
+        read: Option<(&Bytes, BodyKind)>,
+        has_body: bool,
+    ) -> ExtractResult<B> {
+        let found = source::find(&self.sources, &parts.headers, read)?;
+        let Some(token) = found.token else {
+            if found.other_grant {
+                return Ok(Extracted::Bypass(Request::from_parts(parts, body)));
+            }
+            let unread_body = read.is_none() && has_body && self.reads_body;
+            return Err(Rejected::new(if unread_body {
+                Rejection::Malformed("unsupported content type for a token in the body")
+            } else {
+                Rejection::MissingToken
+            })
+            .into());
+        };
+        check_shape(&token, self.max_token_len)?;
+        let client = found.client.as_deref();
+        let request = Request::from_parts(parts, body);
+        if self.by_subject {
+            // Verify first: the key depends on what verification learns.
+            let verified = self.verifier.verify(&token)?;
+            let subject = verified.subject.as_deref().unwrap_or("");
+            let key = self.keys.subject_key(subject, client);
+            let admission = admission(&self.keys, verified);
+            return Ok(Extracted::Coalesce {
+                key,
+                token: Candidate {
+                    inner: CandidateKind::Admitted(admission),
+                },
+                request,
+            });
+        }
+        Ok(Extracted::Coalesce {
+            key: self.keys.token_key(&token, client),
+            token: Candidate {
+                inner: CandidateKind::Token(token),
+            },
+            request,
+        })
+    }
+
+    fn admission(&self, token: &str) -> Result<Admission, Rejected> {
+        Ok(admission(&self.keys, self.verifier.verify(token)?))
+    }
+}
+
+fn admission(keys: &Fingerprinter, verified: Verified) -> Admission {
+    let mut admission = Admission::new();
+    if let Some(subject) = &verified.subject {
+        admission = admission.group(keys.subject_group(subject));
+    }
+    if let Some(expires_at) = verified.expires_at {
+        admission = admission.not_after(expires_at);
+    }
+    admission
+}
+
+/// Reads at most `limit` bytes of `body`; `413` beyond.
+async fn read_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Rejected>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(Rejected::new(Rejection::BodyTooLarge));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(Rejected::new(Rejection::BodyTooLarge)),
+        Err(_) => Err(Rejected::new(Rejection::Malformed(
+            "request body could not be read",
+        ))),
+    }
+}
+
+/// The future of [`HttpExtract`]'s `extract`: ready at once when only headers are looked at,
+/// otherwise reading the body.
+pub struct ExtractFuture<B> {
+    state: ExtractState<B>,
+}
+
+type ReadFuture<B> = Pin<Box<dyn Future<Output = ExtractResult<B>> + Send>>;
+
+// The ready variant is the common case (header sources); boxing it would allocate on every
+// request to save stack space in a future that lives only until the key is known.
+#[allow(clippy::large_enum_variant)]
+enum ExtractState<B> {
+    Ready(Option<ExtractResult<B>>),
+    Reading(ReadFuture<B>),
+}
+
+impl<B> ExtractFuture<B> {
+    fn ready(result: ExtractResult<B>) -> Self {
+        Self {
+            state: ExtractState::Ready(Some(result)),
+        }
+    }
+
+    fn reading(future: impl Future<Output = ExtractResult<B>> + Send + 'static) -> Self {
+        Self {
+            state: ExtractState::Reading(Box::pin(future)),
+        }
+    }
+}
+
+// Nothing in it is pinned structurally: the result is moved out, the reading future is boxed.
+impl<B> Unpin for ExtractFuture<B> {}
+
+impl<B> Future for ExtractFuture<B> {
+    type Output = ExtractResult<B>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.as_mut().get_mut().state {
+            ExtractState::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .expect("ExtractFuture polled after completion"),
+            ),
+            ExtractState::Reading(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<B> fmt::Debug for ExtractFuture<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            ExtractState::Ready(_) => "ready",
+            ExtractState::Reading(_) => "reading body",
+        };
+        f.debug_struct("ExtractFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+pin_project! {
+    /// The request body the inner service receives: the bytes the layer read to find the
+    /// token, or the original body, untouched, when no body source needed it.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Buffered { data: Option<Bytes> },
+        Streaming { #[pin] body: B },
+    }
+}
+
+impl<B> RequestBody<B> {
+    /// A body of `bytes`, already read.
+    pub fn buffered(bytes: Bytes) -> Self {
+        Self {
+            kind: RequestKind::Buffered {
+                data: (!bytes.is_empty()).then_some(bytes),
+            },
+        }
+    }
+
+    /// The original body, streaming.
+    pub fn streaming(body: B) -> Self {
+        Self {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Buffered { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
+            RequestKindProj::Streaming { body } => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Buffered { data } => data.is_none(),
+            RequestKind::Streaming { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestKind::Streaming { body } => body.size_hint(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RequestKind::Buffered { data } => f
+                .debug_struct("RequestBody::Buffered")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            RequestKind::Streaming { .. } => f.write_str("RequestBody::Streaming"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Response side
+// ---------------------------------------------------------------------------------------
+
+/// How refusals are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// JSON bodies `{"error": ..., "error_description": ...}` with an HTTP status, as RFC
+    /// 6749 §5.2 does for token endpoints.
+    #[default]
+    Json,
+    /// Trailers-only gRPC statuses (`grpc-status`, `grpc-message`), for tonic services.
+    Grpc,
+}
+
+type ReplayIf = Arc<dyn Fn(StatusCode, &HeaderMap, Option<&HeaderMap>) -> bool + Send + Sync>;
+
+/// Shares whole HTTP responses: buffers the inner response once (status, headers, body,
+/// trailers) and rebuilds it byte-identical for every caller, `Set-Cookie` and
+/// `Cache-Control` included.
+///
+/// - Only responses the replay predicate accepts become replays (default: a `2xx` status
+///   and, where present, `grpc-status: 0`). Others reach their flight's callers only.
+/// - A body over [`max_response`](Self::max_response) (64 KiB) is not shared: one caller
+///   receives it streamed, the others `503`.
+/// - An error of the inner service reaches one caller as itself (so hyper and tonic see it);
+///   the flight's other callers get `503`.
+/// - Refusals become JSON responses, or gRPC statuses with [`grpc`](Self::grpc).
+#[derive(Clone)]
+pub struct HttpShare {
+    max_response: usize,
+    replay_if: ReplayIf,
+    report: bool,
+    invalid_grant_status: StatusCode,
+    protocol: Protocol,
+}
+
+impl HttpShare {
+    /// The defaults: 64 KiB responses, `2xx` replayed, JSON refusals, `401 invalid_grant`.
+    pub fn new() -> Self {
+        Self {
+            max_response: DEFAULT_MAX_RESPONSE,
+            replay_if: Arc::new(default_replay_if),
+            report: false,
+            invalid_grant_status: StatusCode::UNAUTHORIZED,
+            protocol: Protocol::Json,
+        }
+    }
+
+    /// The largest response body that is shared and replayed. Default: 64 KiB.
+    #[must_use]
+    pub fn max_response(mut self, max: usize) -> Self {
+        self.max_response = max;
+        self
+    }
+
+    /// Which responses are replayed, from status, headers and trailers. Default: a `2xx`
+    /// status and, where a `grpc-status` is present, `0`.
+    #[must_use]
+    pub fn replay_if(
+        mut self,
+        predicate: impl Fn(StatusCode, &HeaderMap, Option<&HeaderMap>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.replay_if = Arc::new(predicate);
+        self
+    }
+
+    /// Adds `x-refresh-coalesced: leader|joined|replayed` to shared responses. Default: off.
+    #[must_use]
+    pub fn report_coalescing(mut self, report: bool) -> Self {
+        self.report = report;
+        self
+    }
+
+    /// The status of `invalid_grant` refusals. Default: `401` (RFC 6749 §5.2 prefers `400`).
+    #[must_use]
+    pub fn invalid_grant_status(mut self, status: StatusCode) -> Self {
+        self.invalid_grant_status = status;
+        self
+    }
+
+    /// Writes refusals as trailers-only gRPC statuses, for a tonic server. Default: JSON.
+    #[must_use]
+    pub fn grpc(mut self) -> Self {
+        self.protocol = Protocol::Grpc;
+        self
+    }
+
+    /// Builds the refusal for one of the errors of [`error`](crate::error).
+    pub fn refusal<B>(
+        &self,
+        error: &(dyn std::error::Error + 'static),
+    ) -> Response<ResponseBody<B>> {
+        let refusal = Refusal::of(error, self.invalid_grant_status);
+        match self.protocol {
+            Protocol::Json => refusal.json(),
+            Protocol::Grpc => refusal.grpc(),
+        }
+    }
+}
+
+impl Default for HttpShare {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for HttpShare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpShare")
+            .field("max_response", &self.max_response)
+            .field("report", &self.report)
+            .field("invalid_grant_status", &self.invalid_grant_status)
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_replay_if(
+    status: StatusCode,
+    headers: &HeaderMap,
+    trailers: Option<&HeaderMap>,
+) -> bool {
+    const GRPC_STATUS: &str = "grpc-status";
+    let grpc_ok = trailers
+        .and_then(|t| t.get(GRPC_STATUS))
+        .or_else(|| headers.get(GRPC_STATUS))
+        .is_none_or(|s| s == "0");
+    status.is_success() && grpc_ok
+}
+
+/// One inner response, stored once and shared by every caller of its flight. Opaque.
+pub struct SharedResponse<B, E> {
+    kind: SharedKind<B, E>,
+}
+
+enum SharedKind<B, E> {
+    Buffered {
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Too large to share: the first caller to ask takes it.
+    Streamed(Mutex<Option<Response<ResponseBody<B>>>>),
+    /// The inner service failed: the first caller to ask takes the error.
+    Failed(Mutex<Option<E>>),
+    /// The response body failed while it was buffered.
+    BodyFailed,
+}
+
+impl<B, E> fmt::Debug for SharedResponse<B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            SharedKind::Buffered { status, .. } => return write!(f, "SharedResponse({status})"),
+            SharedKind::Streamed(_) => "streamed",
+            SharedKind::Failed(_) => "failed",
+            SharedKind::BodyFailed => "body failed",
+        };
+        write!(f, "SharedResponse({kind})")
+    }
+}
+
+/// The future of [`HttpShare`]'s `share`: buffers the inner response.
+pub struct ShareFuture<B, E> {
+    inner: Pin<Box<dyn Future<Output = SharedResponse<B, E>> + Send>>,
+}
+
+impl<B, E> Future for ShareFuture<B, E> {
+    type Output = SharedResponse<B, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<B, E> fmt::Debug for ShareFuture<B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ShareFuture")
+    }
+}
+
+impl<B, E> Share<Response<B>, E> for HttpShare
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    E: Send + 'static,
+{
+    type Value = SharedResponse<B, E>;
+    type Response = Response<ResponseBody<B>>;
+    type Error = E;
+    type Future = ShareFuture<B, E>;
+
+    fn share(&self, result: Result<Response<B>, E>) -> Self::Future {
+        let max = self.max_response;
+        ShareFuture {
+            inner: Box::pin(async move {
+                let kind = match result {
+                    Ok(response) => buffer(response, max).await,
+                    Err(error) => SharedKind::Failed(Mutex::new(Some(error))),
+                };
+                SharedResponse { kind }
+            }),
+        }
+    }
+
+    fn is_replayable(&self, value: &Self::Value) -> bool {
+        match &value.kind {
+            SharedKind::Buffered {
+                status,
+                headers,
+                trailers,
+                ..
+            } => (self.replay_if)(*status, headers, trailers.as_ref()),
+            _ => false,
+        }
+    }
+
+    fn respond(&self, value: &Self::Value, served: Served) -> Result<Self::Response, E> {
+        let mut response = match &value.kind {
+            SharedKind::Buffered {
+                status,
+                version,
+                headers,
+                body,
+                trailers,
+            } => {
+                let mut response =
+                    Response::new(ResponseBody::full(body.clone(), trailers.clone()));
+                *response.status_mut() = *status;
+                *response.version_mut() = *version;
+                *response.headers_mut() = headers.clone();
+                response
+            }
+            SharedKind::Streamed(slot) => match take(slot) {
+                Some(response) => response,
+                None => return Ok(self.refusal(&Unshareable)),
+            },
+            SharedKind::Failed(slot) => match take(slot) {
+                Some(error) => return Err(error),
+                None => return Ok(self.refusal(&Unshareable)),
+            },
+            SharedKind::BodyFailed => return Ok(self.refusal(&Unshareable)),
+        };
+        if self.report {
+            response
+                .headers_mut()
+                .insert(COALESCED_HEADER, HeaderValue::from_static(served.as_str()));
+        }
+        Ok(response)
+    }
+
+    fn reject(&self, error: BoxError) -> Result<Self::Response, E> {
+        Ok(self.refusal(&*error))
+    }
+
+    fn pass(&self, result: Result<Response<B>, E>) -> Result<Self::Response, E> {
+        result.map(|response| response.map(ResponseBody::streaming))
+    }
+
+    fn ready_error(&self, error: E) -> E {
+        error
+    }
+}
+
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// Buffers `response` if its body fits in `max` bytes; otherwise keeps it for one caller,
+/// with whatever was read already in front of the rest.
+async fn buffer<B, E>(response: Response<B>, max: usize) -> SharedKind<B, E>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = response.into_parts();
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        let response = Response::from_parts(parts, ResponseBody::streaming(body));
+        return SharedKind::Streamed(Mutex::new(Some(response)));
+    }
+    let mut body = Box::pin(body);
+    let mut data = BytesMut::new();
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            tracing::warn!("inner response body failed while it was buffered");
+            return SharedKind::BodyFailed;
+        };
+        match frame.into_data() {
+            Ok(chunk) => {
+                data.extend_from_slice(&chunk);
+                if data.len() > max {
+                    let rest = ResponseBody::rest(data.freeze(), body);
+                    return SharedKind::Streamed(Mutex::new(Some(Response::from_parts(
+                        parts, rest,
+                    ))));
+                }
+            }
+            Err(frame) => {
+                if let Ok(more) = frame.into_trailers() {
+                    trailers.get_or_insert_with(HeaderMap::new).extend(more);
+                }
+            }
+        }
+    }
+    SharedKind::Buffered {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body: data.freeze(),
+        trailers,
+    }
+}
+
+/// The stand-in error for callers of a flight whose response could not be shared.
+#[derive(Debug)]
+struct Unshareable;
+
+impl fmt::Display for Unshareable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the refresh response could not be shared")
+    }
+}
+
+impl std::error::Error for Unshareable {}
+
+/// A refusal, before it is written as JSON or as a gRPC status.
+struct Refusal {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+    retry_after: bool,
+    grpc: u8,
+}
+
+impl Refusal {
+    fn of(error: &(dyn std::error::Error + 'static), invalid_grant: StatusCode) -> Self {
+        const INVALID_ARGUMENT: u8 = 3;
+        const RESOURCE_EXHAUSTED: u8 = 8;
+        const UNAVAILABLE: u8 = 14;
+        const UNAUTHENTICATED: u8 = 16;
+        let description = error.to_string();
+        let refusal = |status, error, retry_after, grpc| Refusal {
+            status,
+            error,
+            description: description.clone(),
+            retry_after,
+            grpc,
+        };
+        if let Some(rejected) = error.downcast_ref::<Rejected>() {
+            return match rejected.rejection() {
+                Rejection::MissingToken => refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    false,
+                    UNAUTHENTICATED,
+                ),
+                Rejection::BodyTooLarge => refusal(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request",
+                    false,
+                    RESOURCE_EXHAUSTED,
+                ),
+                Rejection::InvalidToken(_) | Rejection::Expired => {
+                    refusal(invalid_grant, "invalid_grant", false, UNAUTHENTICATED)
+                }
+                _ => refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    false,
+                    INVALID_ARGUMENT,
+                ),
+            };
+        }
+        if error.is::<Elapsed>() {
+            return refusal(
+                StatusCode::TOO_MANY_REQUESTS,
+                "temporarily_unavailable",
+                true,
+                UNAVAILABLE,
+            );
+        }
+        if error.is::<Overloaded>() {
+            return refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                true,
+                RESOURCE_EXHAUSTED,
+            );
+        }
+        if !error.is::<LeaderFailed>() && !error.is::<Unshareable>() {
+            tracing::error!(error = %description, "unexpected error in the coalescing layer");
+        }
+        refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            true,
+            UNAVAILABLE,
+        )
+    }
+
+    fn json<B>(self) -> Response<ResponseBody<B>> {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            error_description: &'a str,
+        }
+        let body = serde_json::to_vec(&Body {
+            error: self.error,
+            error_description: &self.description,
+        })
+        .expect("a struct of strings serializes");
+        let mut response = Response::new(ResponseBody::full(Bytes::from(body), None));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 7235 §3.1: a 401 carries a challenge; RFC 6750 §3 gives its form.
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+            );
+        }
+        response
+    }
+
+    fn grpc<B>(self) -> Response<ResponseBody<B>> {
+        // Trailers-only: the status travels in the headers and the body is empty.
+        let mut response = Response::new(ResponseBody::full(Bytes::new(), None));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(u16::from(self.grpc)));
+        // grpc-message is percent-encoded; our descriptions are printable ASCII without '%'.
+        if let Ok(message) = HeaderValue::from_str(&self.description) {
+            headers.insert("grpc-message", message);
+        }
+        response
+    }
+}
+
+pin_project! {
+    /// The body of every response of the HTTP front: a shared, buffered body (with its
+    /// trailers), a refusal, or the inner body streaming through.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        Streaming { #[pin] body: B },
+        Rest { prefix: Option<Bytes>, body: Pin<Box<B>> },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// A complete body: `data`, then `trailers` if any.
+    pub fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            kind: ResponseKind::Full {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    /// The inner body, streaming through.
+    pub fn streaming(body: B) -> Self {
+        Self {
+            kind: ResponseKind::Streaming { body },
+        }
+    }
+
+    fn rest(prefix: Bytes, body: Pin<Box<B>>) -> Self {
+        Self {
+            kind: ResponseKind::Rest {
+                prefix: Some(prefix),
+                body,
+            },
+        }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Full { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
+            ResponseKindProj::Streaming { body } => body.poll_frame(cx).map_err(Into::into),
+            ResponseKindProj::Rest { prefix, body } => match prefix.take() {
+                Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
+                None => body.as_mut().poll_frame(cx).map_err(Into::into),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            ResponseKind::Streaming { body } => body.is_end_stream(),
+            ResponseKind::Rest { prefix, body } => prefix.is_none() && body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Full { data, trailers } => {
+                let len = data.as_ref().map_or(0, |d| d.len() as u64);
+                if trailers.is_some() {
+                    // Not exact: HTTP/1 drops the trailers of a body sent with a length.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
+            }
+            ResponseKind::Streaming { body } => body.size_hint(),
+            ResponseKind::Rest { prefix, body } => {
+                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ResponseKind::Full { data, trailers } => f
+                .debug_struct("ResponseBody::Full")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .field("trailers", &trailers.is_some())
+                .finish(),
+            ResponseKind::Streaming { .. } => f.write_str("ResponseBody::Streaming"),
+            ResponseKind::Rest { .. } => f.write_str("ResponseBody::Rest"),
+        }
+    }
+}

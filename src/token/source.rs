@@ -1,0 +1,465 @@
+//! Where a refresh token is found in an HTTP request.
+
+use std::fmt;
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue,
+    header::{AUTHORIZATION, CONTENT_TYPE, COOKIE},
+};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+use crate::error::{Rejected, Rejection};
+
+/// One place a refresh token may travel in a request.
+///
+/// Sources are tried in the configured order. A request that carries two *different* tokens
+/// (say a cookie and a JSON field) is refused with `400 invalid_request`, because the layer
+/// and the inner service might otherwise act on different tokens (RFC 6750 §2 allows one
+/// method per request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>` (RFC 6750 §2.1). `Authorization: Basic` is client
+    /// authentication (RFC 6749 §2.3.1) and never a token.
+    Bearer,
+    /// The cookie with this name.
+    Cookie(String),
+    /// The string field with this name of a JSON object body (`application/json`).
+    Json(String),
+    /// An `application/x-www-form-urlencoded` body with `grant_type=refresh_token` and the
+    /// token in `refresh_token` (RFC 6749 §6). A form with another `grant_type` is not a
+    /// refresh and passes through uncoalesced.
+    Form,
+    /// The request header (gRPC metadata entry) with this name; a `Bearer ` prefix is
+    /// stripped.
+    Metadata(HeaderName),
+}
+
+impl TokenSource {
+    /// `Authorization: Bearer`.
+    pub fn bearer() -> Self {
+        Self::Bearer
+    }
+
+    /// The cookie `name` (the usual one is `refresh_token`).
+    pub fn cookie(name: impl Into<String>) -> Self {
+        Self::Cookie(name.into())
+    }
+
+    /// The JSON body field `field` (the usual one is `refresh_token`).
+    pub fn json(field: impl Into<String>) -> Self {
+        Self::Json(field.into())
+    }
+
+    /// The RFC 6749 §6 form body.
+    pub fn form() -> Self {
+        Self::Form
+    }
+
+    /// The gRPC metadata entry `name` (lowercase ASCII, for example `x-refresh-token`).
+    pub fn metadata(name: HeaderName) -> Self {
+        Self::Metadata(name)
+    }
+
+    /// The default sources, in order: Bearer, the cookie `refresh_token`, the JSON field
+    /// `refresh_token`, and the RFC 6749 form.
+    pub fn defaults() -> Vec<Self> {
+        vec![
+            Self::Bearer,
+            Self::cookie("refresh_token"),
+            Self::json("refresh_token"),
+            Self::Form,
+        ]
+    }
+
+    pub(crate) fn reads_body(&self) -> bool {
+        matches!(self, Self::Json(_) | Self::Form)
+    }
+}
+
+/// The media type of a body, as far as token sources care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyKind {
+    Json,
+    Form,
+    Other,
+}
+
+pub(crate) fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
+    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    let essence = value.split(';').next().unwrap_or("").trim();
+    Some(
+        if essence.eq_ignore_ascii_case("application/json")
+            || essence
+                .get(essence.len().saturating_sub(5)..)
+                .is_some_and(|suffix| suffix.eq_ignore_ascii_case("+json"))
+        {
+            BodyKind::Json
+        } else if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            BodyKind::Form
+        } else {
+            BodyKind::Other
+        },
+    )
+}
+
+/// What the sources found in one request.
+#[derive(Default)]
+pub(crate) struct Found {
+    /// The token, if any source held one.
+    pub(crate) token: Option<String>,
+    /// The client binding: the Basic user or the form's `client_id`.
+    pub(crate) client: Option<String>,
+    /// The form named another grant type: not a refresh.
+    pub(crate) other_grant: bool,
+}
+
+impl fmt::Debug for Found {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Found")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("client", &self.client)
+            .field("other_grant", &self.other_grant)
+            .finish()
+    }
+}
+
+impl Found {
+    fn token(&mut self, token: String) -> Result<(), Rejected> {
+        match &self.token {
+            Some(existing) if *existing != token => {
+                Err(malformed("more than one token in the request"))
+            }
+            Some(_) => Ok(()),
+            None => {
+                self.token = Some(token);
+                Ok(())
+            }
+        }
+    }
+
+    fn client(&mut self, client: String) -> Result<(), Rejected> {
+        match &self.client {
+            Some(existing) if *existing != client => {
+                Err(malformed("more than one client id in the request"))
+            }
+            Some(_) => Ok(()),
+            None => {
+                self.client = Some(client);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn malformed(why: &'static str) -> Rejected {
+    Rejected::new(Rejection::Malformed(why))
+}
+
+/// Looks for the token in `headers` and, if given, in `body` of media type `kind`.
+pub(crate) fn find(
+    sources: &[TokenSource],
+    headers: &HeaderMap,
+    body: Option<(&Bytes, BodyKind)>,
+) -> Result<Found, Rejected> {
+    let mut found = Found::default();
+    let authorization = authorization(headers)?;
+    if let Some(Authorization::Basic(client)) = &authorization {
+        found.client(client.clone())?;
+    }
+    for source in sources {
+        match source {
+            TokenSource::Bearer => {
+                if let Some(Authorization::Bearer(token)) = &authorization {
+                    found.token(token.clone())?;
+                }
+            }
+            TokenSource::Cookie(name) => {
+                if let Some(token) = cookie(headers, name)? {
+                    found.token(token)?;
+                }
+            }
+            TokenSource::Metadata(name) => {
+                if let Some(token) = metadata(headers, name)? {
+                    found.token(token)?;
+                }
+            }
+            TokenSource::Json(field) => {
+                if let Some((body, BodyKind::Json)) = body
+                    && let Some(token) = json_field(body, field)?
+                {
+                    found.token(token)?;
+                }
+            }
+            TokenSource::Form => {
+                if let Some((body, BodyKind::Form)) = body {
+                    form(body, &mut found)?;
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+enum Authorization {
+    Bearer(String),
+    Basic(String),
+    Other,
+}
+
+fn authorization(headers: &HeaderMap) -> Result<Option<Authorization>, Rejected> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(malformed("more than one authorization header"));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| malformed("authorization header is not visible ASCII"))?;
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let credentials = rest.trim_start_matches(' ');
+    if scheme.eq_ignore_ascii_case("bearer") {
+        if credentials.is_empty() || credentials.contains(' ') {
+            return Err(malformed("malformed bearer credentials"));
+        }
+        Ok(Some(Authorization::Bearer(credentials.to_owned())))
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        basic_user(credentials).map(|user| Some(Authorization::Basic(user)))
+    } else {
+        Ok(Some(Authorization::Other))
+    }
+}
+
+/// The client id of `Authorization: Basic` credentials: the user part, which RFC 6749
+/// §2.3.1 encodes with `application/x-www-form-urlencoded` before base64.
+fn basic_user(credentials: &str) -> Result<String, Rejected> {
+    let invalid = || malformed("malformed basic credentials");
+    let decoded = STANDARD.decode(credentials).map_err(|_| invalid())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| invalid())?;
+    let (user, _password) = decoded.split_once(':').ok_or_else(invalid)?;
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(&format!("u={user}")).map_err(|_| invalid())?;
+    match pairs.into_iter().next() {
+        Some((_, user)) if !user.is_empty() => Ok(user),
+        _ => Err(invalid()),
+    }
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Result<Option<String>, Rejected> {
+    let mut found: Option<String> = None;
+    for header in headers.get_all(COOKIE) {
+        let Ok(header) = header.to_str() else {
+            return Err(malformed("cookie header is not visible ASCII"));
+        };
+        for cookie in cookie::Cookie::split_parse(header).flatten() {
+            if cookie.name() != name || cookie.value().is_empty() {
+                continue;
+            }
+            match &found {
+                Some(existing) if existing != cookie.value() => {
+                    return Err(malformed("more than one token in the request"));
+                }
+                Some(_) => {}
+                None => found = Some(cookie.value().to_owned()),
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn metadata(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, Rejected> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(malformed("more than one token in the request"));
+    }
+    let value = visible(value).ok_or_else(|| malformed("token metadata is not visible ASCII"))?;
+    let token = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim_start(),
+        _ => value,
+    };
+    Ok((!token.is_empty()).then(|| token.to_owned()))
+}
+
+fn visible(value: &HeaderValue) -> Option<&str> {
+    value.to_str().ok().map(str::trim)
+}
+
+/// The string field `field` of a JSON object; a repeated field is refused (two parsers could
+/// otherwise pick different ones).
+fn json_field(body: &Bytes, field: &str) -> Result<Option<String>, Rejected> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let token = FieldSeed { field }
+        .deserialize(&mut deserializer)
+        .map_err(|_| malformed("body is not a JSON object with a string token field"))?;
+    deserializer
+        .end()
+        .map_err(|_| malformed("trailing data after the JSON body"))?;
+    Ok(token)
+}
+
+struct FieldSeed<'f> {
+    field: &'f str,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut token = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == self.field {
+                if token.is_some() {
+                    return Err(de::Error::custom("repeated token field"));
+                }
+                token = Some(map.next_value::<String>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(token.filter(|t| !t.is_empty()))
+    }
+}
+
+/// An RFC 6749 §6 refresh request: `grant_type=refresh_token`, `refresh_token`, and an
+/// optional `client_id`. Parameters must not repeat (RFC 6749 §3.2).
+fn form(body: &Bytes, found: &mut Found) -> Result<(), Rejected> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_bytes(body).map_err(|_| malformed("malformed form body"))?;
+    let mut grant_type = None;
+    let mut token = None;
+    let mut client = None;
+    for (name, value) in pairs {
+        let slot = match name.as_str() {
+            "grant_type" => &mut grant_type,
+            "refresh_token" => &mut token,
+            "client_id" => &mut client,
+            _ => continue,
+        };
+        if slot.replace(value).is_some() {
+            return Err(malformed("repeated form parameter"));
+        }
+    }
+    match grant_type.as_deref() {
+        Some("refresh_token") => {}
+        Some(_) => {
+            found.other_grant = true;
+            return Ok(());
+        }
+        None => return Err(malformed("grant_type is missing")),
+    }
+    if let Some(client) = client.filter(|c| !c.is_empty()) {
+        found.client(client)?;
+    }
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        found.token(token)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn basic_user_is_form_decoded() {
+        let credentials = STANDARD.encode("my%20client:secret");
+        assert_eq!(basic_user(&credentials).unwrap(), "my client");
+        assert!(basic_user("not base64!").is_err());
+        assert!(basic_user(&STANDARD.encode("no-colon")).is_err());
+    }
+
+    #[test]
+    fn bearer_and_basic_are_told_apart() {
+        let sources = TokenSource::defaults();
+        let found = find(&sources, &headers(&[("authorization", "Bearer abc")]), None).unwrap();
+        assert_eq!(found.token.as_deref(), Some("abc"));
+        let basic = format!("Basic {}", STANDARD.encode("client-1:pw"));
+        let found = find(&sources, &headers(&[("authorization", &basic)]), None).unwrap();
+        assert_eq!(
+            (found.token, found.client.as_deref()),
+            (None, Some("client-1"))
+        );
+    }
+
+    #[test]
+    fn json_field_refuses_repeats_and_non_strings() {
+        let body = |s: &str| Bytes::from(s.to_owned());
+        assert_eq!(
+            json_field(&body(r#"{"refresh_token":"t","x":[1]}"#), "refresh_token")
+                .unwrap()
+                .as_deref(),
+            Some("t")
+        );
+        assert!(
+            json_field(
+                &body(r#"{"refresh_token":"a","refresh_token":"b"}"#),
+                "refresh_token"
+            )
+            .is_err()
+        );
+        assert!(json_field(&body(r#"{"refresh_token":5}"#), "refresh_token").is_err());
+        assert!(json_field(&body(r#"["refresh_token"]"#), "refresh_token").is_err());
+        assert!(json_field(&body(r#"{"refresh_token":"t"} x"#), "refresh_token").is_err());
+    }
+
+    #[test]
+    fn forms_of_other_grants_are_not_refreshes() {
+        let mut found = Found::default();
+        form(
+            &Bytes::from_static(b"grant_type=authorization_code&code=x"),
+            &mut found,
+        )
+        .unwrap();
+        assert!(found.other_grant && found.token.is_none());
+        let mut found = Found::default();
+        assert!(form(&Bytes::from_static(b"refresh_token=x"), &mut found).is_err());
+    }
+
+    #[test]
+    fn content_types_are_recognised_by_essence() {
+        let kind = |v: &str| body_kind(&headers(&[("content-type", v)]));
+        assert_eq!(
+            kind("application/json; charset=utf-8"),
+            Some(BodyKind::Json)
+        );
+        assert_eq!(kind("application/vnd.api+json"), Some(BodyKind::Json));
+        assert_eq!(
+            kind("Application/X-WWW-Form-Urlencoded"),
+            Some(BodyKind::Form)
+        );
+        assert_eq!(kind("text/plain"), Some(BodyKind::Other));
+    }
+}
