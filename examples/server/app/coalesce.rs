@@ -1,0 +1,83 @@
+//! The coalescing layer of the refresh route, and its counters on `/metrics`.
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+};
+use tower_refresh_coalesce::{
+    Handle, HttpExtract, HttpShare, JwtVerifier, Outcome, RefreshCoalesceLayer, token::ConfigError,
+};
+
+use super::{Config, INVALID_GRANT_STATUS, TokenKeys, crypto};
+
+/// The layer in front of `POST /auth/refresh`.
+pub type Layer = RefreshCoalesceLayer<HttpExtract<JwtVerifier>, HttpShare>;
+
+/// Builds the layer: it verifies refresh tokens exactly as the handler does (HS256 under
+/// the server's key, `typ: refresh+jwt`), keys them with a fingerprint secret derived from
+/// the deployment secret (so instances sharing a secret agree on keys), and answers
+/// `invalid_grant` with the handler's status.
+pub fn layer(config: &Config, secret: &[u8], keys: &TokenKeys) -> Result<Layer, ConfigError> {
+    let verifier = JwtVerifier::hs256(keys.signing_key())
+        .typ(super::tokens::REFRESH_TOKEN_TYP)
+        .build()?;
+    let extract =
+        HttpExtract::new(verifier).secret(crypto::hmac_sha256(secret, b"refresh-fingerprints"));
+    Ok(RefreshCoalesceLayer::http(extract)
+        .ttl(config.ttl_duration())
+        .wait_timeout(config.wait_timeout_duration())
+        .share(HttpShare::new().invalid_grant_status(INVALID_GRANT_STATUS))
+        .build())
+}
+
+/// Exposes the layer's [`Stats`](tower_refresh_coalesce::Stats) on each scrape.
+#[derive(Debug)]
+pub struct StatsCollector(pub Handle);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "refresh_coalesce_requests",
+            "Requests seen by the coalescing layer, by how they were served or refused",
+            None,
+            counter.metric_type(),
+        )?;
+        for outcome in Outcome::ALL {
+            let labels = OutcomeLabel {
+                outcome: outcome.as_str(),
+            };
+            ConstCounter::new(stats.outcome(outcome)).encode(family.encode_family(&labels)?)?;
+        }
+        let reuse = ConstCounter::new(stats.reuse_suspected);
+        reuse.encode(encoder.encode_descriptor(
+            "refresh_coalesce_reuse_suspected",
+            "Flights started for a second token of a subject that had a live entry",
+            None,
+            reuse.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            (
+                "refresh_coalesce_in_flight",
+                "Inner refresh calls running now",
+                stats.in_flight,
+            ),
+            (
+                "refresh_coalesce_entries",
+                "Live flights and replays in the coalescing table",
+                stats.entries,
+            ),
+        ] {
+            let gauge = ConstGauge::new(value as i64);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
