@@ -112,6 +112,12 @@ where
                             request,
                         }) => begin(&*this.core, this.inner, key, token, request),
                     };
+                    if !matches!(step, Step::Pass(_)) {
+                        // Only a leader (which took it already) or a bypass calls the inner
+                        // service: release whatever capacity the readied service reserved
+                        // (a `ConcurrencyLimit` permit, a `Buffer` slot) before waiting.
+                        drop(this.inner.take());
+                    }
                     match step {
                         Step::Wait(waiter, served) => this.state.set(State::Waiting {
                             deadline: sleep(core.wait_timeout),

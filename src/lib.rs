@@ -83,7 +83,9 @@
 //! # Backpressure
 //!
 //! `poll_ready` delegates to the inner service, and the leader calls the very service it
-//! readied. Waiting callers hold no inner capacity. The table is bounded: at most
+//! readied. Every other caller releases its readied service (and whatever capacity it
+//! reserved, a `ConcurrencyLimit` permit say) as soon as its key is known, so waiting
+//! callers hold no inner capacity. Put the layer outside such limits. The table is bounded: at most
 //! `max_entries` live entries (100,000) and `max_waiters` callers per flight (10,000);
 //! beyond either, requests get [`Overloaded`](error::Overloaded) at once.
 //!
