@@ -113,6 +113,10 @@ pub enum Failure {
     /// The flight was started by another service of the same layer whose responses have a
     /// different type. Give such services layers of their own.
     Incompatible,
+    /// Another instance leads the flight and its result did not arrive within the wait
+    /// timeout. This instance never calls the inner service for it; a retry is answered by
+    /// the result once it is stored, or elects a new leader once the lease is over.
+    RemoteTimeout,
 }
 
 /// The leader's call of the inner service failed without producing a result.
@@ -148,6 +152,9 @@ impl fmt::Display for LeaderFailed {
             Failure::Panicked => f.write_str("coalesced call panicked"),
             Failure::HardCap => f.write_str("coalesced call exceeded its hard cap and was aborted"),
             Failure::Cancelled => f.write_str("coalesced call was cancelled"),
+            Failure::RemoteTimeout => {
+                f.write_str("the instance leading this refresh did not answer in time")
+            }
             Failure::Incompatible => {
                 f.write_str("coalesced call was made by a service with another response type")
             }

@@ -278,8 +278,8 @@ impl Table {
         Ok((Lead::Started(waiter), reuse))
     }
 
-    /// Ends flight `id` of `key`: keeps `replay` for the TTL, or removes the entry.
-    fn finish(&self, key: &Fingerprint, id: u64, replay: Option<Value>) {
+    /// Ends flight `id` of `key`: keeps `replay` for its TTL, or removes the entry.
+    fn finish(&self, key: &Fingerprint, id: u64, replay: Option<(Value, Duration)>) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let mut shard = self.shard(key);
         let Some(entry) = shard.get_mut(key).filter(|e| e.id == id) else {
@@ -287,14 +287,14 @@ impl Table {
             return;
         };
         match replay {
-            Some(value) => {
+            Some((value, ttl)) if !ttl.is_zero() => {
                 entry.state = State::Replay {
                     value,
-                    expires: Instant::now() + self.limits.ttl,
+                    expires: Instant::now() + ttl,
                     replays: 0,
                 }
             }
-            None => self.remove_locked(&mut shard, key, id),
+            _ => self.remove_locked(&mut shard, key, id),
         }
     }
 
@@ -366,11 +366,16 @@ impl Table {
         self.len.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self, breaker_open: bool) -> Stats {
         self.counters.snapshot(
             self.in_flight.load(Ordering::Relaxed) as u64,
             self.len() as u64,
+            breaker_open,
         )
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        self.limits.ttl
     }
 
     /// Starts the background sweep unless it runs already. It stops by itself once the
@@ -435,14 +440,14 @@ impl FlightGuard {
         }
     }
 
-    /// Ends the flight with its value; `replay` says whether it is kept for the TTL.
+    /// Ends the flight with its value, replayed for `replay` if given.
     ///
     /// The entry becomes a replay before the flight's future resolves, so a request that
     /// arrives after any caller has its answer finds the replay, never a finished flight.
-    pub(crate) fn complete(mut self, value: &Value, replay: bool) {
+    pub(crate) fn complete(mut self, value: &Value, replay: Option<Duration>) {
         self.armed = false;
         self.table
-            .finish(&self.key, self.id, replay.then(|| value.clone()));
+            .finish(&self.key, self.id, replay.map(|ttl| (value.clone(), ttl)));
     }
 }
 

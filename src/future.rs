@@ -8,11 +8,12 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use futures_util::FutureExt;
 use pin_project_lite::pin_project;
-use tokio::time::{Sleep, sleep};
+use tokio::time::{Instant, Sleep, sleep};
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -21,8 +22,9 @@ use crate::{
     flight::{FlightFuture, FlightGuard, FlightResult, Found, Lead, Value, Waiter, join_result},
     key::{Extract, Extracted, Fingerprint},
     layer::Core,
-    metrics::Outcome,
+    metrics::{Outcome, StoreCounters},
     share::{Served, Share},
+    store::{Keep, Plan},
 };
 
 pin_project! {
@@ -202,12 +204,17 @@ where
                 Err(error) => return Step::Refuse(error, Outcome::Rejected),
             };
             let inner = inner.take().expect("service taken once");
+            let flight = Flight {
+                key,
+                // Without a token-derived secret, values are sealed by the store's own.
+                seal: admission.seal_key().copied().unwrap_or(*key.as_bytes()),
+                group: admission.group_key().copied(),
+            };
             let started = core.table.lead(key, admission, |id| {
-                spawn_flight(core, inner, request, key, id)
+                spawn_flight(core, inner, request, flight, id)
             });
             match started {
                 Ok((Lead::Started(waiter), reuse)) => {
-                    core.table.counters.record(Outcome::Leader);
                     if reuse {
                         core.table.counters.reuse_suspected();
                         tracing::warn!(
@@ -215,6 +222,7 @@ where
                             "reuse suspected: another token of this subject has a live entry"
                         );
                     }
+                    core.table.counters.record(Outcome::Leader);
                     return Step::Wait(waiter, Served::Leader);
                 }
                 Ok((Lead::Found(found), _)) => Ok(found),
@@ -245,17 +253,25 @@ where
     }
 }
 
+/// What the flight task needs to know of its key.
+#[derive(Clone, Copy)]
+struct Flight {
+    key: Fingerprint,
+    seal: [u8; 32],
+    group: Option<Fingerprint>,
+}
+
 /// Spawns the inner call of flight `id` and returns the future its callers share.
 ///
-/// Called under the table's shard lock: it only spawns. The task calls the inner service,
-/// lets the share policy store the result, and finishes the entry (replay or removal) before
-/// its join handle resolves, all under the hard cap. Its [`FlightGuard`] removes the entry
-/// if it panics or is cancelled.
+/// Called under the table's shard lock: it only spawns. The task runs the flight (asking
+/// the store first, if there is one), lets the share policy store the result, and finishes
+/// the entry (replay or removal) before its join handle resolves, all under the hard cap.
+/// Its [`FlightGuard`] removes the entry if it panics or is cancelled.
 fn spawn_flight<X, P, S, R>(
     core: &Arc<Core<X, P>>,
-    mut inner: S,
+    inner: S,
     request: R,
-    key: Fingerprint,
+    flight: Flight,
     id: u64,
 ) -> FlightFuture
 where
@@ -270,18 +286,15 @@ where
     let core = core.clone();
     let span = tracing::debug_span!("refresh_coalesce_flight", flight = id);
     let task = async move {
-        let guard = FlightGuard::new(core.table.clone(), key, id);
-        let call = async {
-            let result = inner.call(request).await;
-            core.share.share(result).await
-        };
-        match tokio::time::timeout(core.hard_cap, call).await {
-            Ok(value) => {
-                let replay = core.share.is_replayable(&value);
+        let guard = FlightGuard::new(core.table.clone(), flight.key, id);
+        let run = run_flight(&core, inner, request, flight);
+        match tokio::time::timeout(core.hard_cap, run).await {
+            Ok(Ok((value, replay))) => {
                 let value: Value = Arc::new(value);
                 guard.complete(&value, replay);
                 Ok(value)
             }
+            Ok(Err(failure)) => Err(LeaderFailed::new(failure)),
             Err(_) => {
                 tracing::warn!(
                     flight = id,
@@ -295,6 +308,98 @@ where
     let future: Pin<Box<dyn Future<Output = FlightResult> + Send>> =
         Box::pin(handle.map(join_result));
     future.shared()
+}
+
+/// The body of a flight: its value, and how long to replay it (`None`: not at all).
+///
+/// Without a store, the inner service is called. With one: a result another instance
+/// stored answers the flight; otherwise the election decides whether this flight calls the
+/// inner service (and stores the result) or waits for the instance that does.
+async fn run_flight<X, P, S, R>(
+    core: &Core<X, P>,
+    inner: S,
+    request: R,
+    flight: Flight,
+) -> Result<(P::Value, Option<Duration>), Failure>
+where
+    S: Service<R>,
+    P: Share<S::Response, S::Error>,
+{
+    let ttl = core.table.ttl();
+    let replay_for =
+        |value: &P::Value, ttl: Duration| core.share.is_replayable(value).then_some(ttl);
+    let Some(remote) = &core.remote else {
+        let value = call(core, inner, request).await;
+        let replay = replay_for(&value, ttl);
+        return Ok((value, replay));
+    };
+    let counters = &core.table.counters.store;
+    let Flight { key, seal, group } = flight;
+    if let Some(stored) = remote.load(&key, &seal, counters).await
+        && let Some(value) = core.share.decode(&stored.value)
+    {
+        StoreCounters::add(&counters.replayed, "replayed");
+        let replay = replay_for(&value, stored.ttl.min(ttl));
+        return Ok((value, replay));
+    }
+    match remote.elect(&key, counters).await {
+        Plan::Local => {
+            let value = call(core, inner, request).await;
+            let replay = replay_for(&value, ttl);
+            Ok((value, replay))
+        }
+        Plan::Follow(leader) => {
+            // A little longer than the callers wait, so that they get their own timeout.
+            let deadline = Instant::now() + core.wait_timeout + Duration::from_millis(500);
+            let stored = remote
+                .follow(&key, &leader, &seal, deadline, counters)
+                .await
+                .ok_or(Failure::RemoteTimeout)?;
+            let value = core
+                .share
+                .decode(&stored.value)
+                .ok_or(Failure::Incompatible)?;
+            let replay = if stored.replay {
+                replay_for(&value, stored.ttl.min(ttl))
+            } else {
+                None
+            };
+            Ok((value, replay))
+        }
+        Plan::Lead(fence) => {
+            let value = call(core, inner, request).await;
+            let replay = replay_for(&value, ttl);
+            let keep = match replay {
+                Some(ttl) => Keep::Replay { ttl, group },
+                // Not a replay, but the followers of this flight must still receive it.
+                None => Keep::Flight {
+                    ttl: core.wait_timeout + Duration::from_secs(1),
+                },
+            };
+            let encoded = core.share.encode(&value).map(|bytes| (bytes, keep));
+            let winner = remote.finish(&key, &fence, &seal, encoded, counters).await;
+            // A late leader: another result was stored first. Every caller everywhere gets
+            // that one, so all of them see the same tokens.
+            if let Some(winner) = winner
+                && let Some(stored) = core.share.decode(&winner.value)
+            {
+                tracing::warn!("a result was stored before this flight's: answering with it");
+                let replay = replay_for(&stored, winner.ttl.min(ttl));
+                return Ok((stored, replay));
+            }
+            Ok((value, replay))
+        }
+    }
+}
+
+/// Calls the inner service and lets the share policy store the result.
+async fn call<X, P, S, R>(core: &Core<X, P>, mut inner: S, request: R) -> P::Value
+where
+    S: Service<R>,
+    P: Share<S::Response, S::Error>,
+{
+    let result = inner.call(request).await;
+    core.share.share(result).await
 }
 
 /// Builds one caller's response from a flight's value.

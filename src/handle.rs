@@ -6,6 +6,7 @@ use crate::{
     flight::Table,
     key::{Fingerprint, Fingerprinter},
     metrics::Stats,
+    store::{Invalidation, Remote},
 };
 
 /// A cheap-to-clone handle on the table of a [`RefreshCoalesceLayer`](crate::RefreshCoalesceLayer).
@@ -17,11 +18,41 @@ use crate::{
 pub struct Handle {
     table: Arc<Table>,
     keys: Option<Fingerprinter>,
+    remote: Option<Arc<Remote>>,
 }
 
 impl Handle {
-    pub(crate) fn new(table: Arc<Table>, keys: Option<Fingerprinter>) -> Self {
-        Self { table, keys }
+    pub(crate) fn new(
+        table: Arc<Table>,
+        keys: Option<Fingerprinter>,
+        remote: Option<Arc<Remote>>,
+    ) -> Self {
+        Self {
+            table,
+            keys,
+            remote,
+        }
+    }
+
+    /// Sends an invalidation to the store, so that every instance applies it. Spawned: the
+    /// local table is already clean when the caller continues.
+    fn propagate(&self, invalidation: Invalidation) {
+        let Some(remote) = self.remote.clone() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no Tokio runtime: the invalidation stays local to this instance");
+            return;
+        };
+        runtime.spawn(async move {
+            let result = match &invalidation {
+                Invalidation::Key(key) => remote.store().invalidate(key).await,
+                Invalidation::Group(group) => remote.store().invalidate_group(group).await,
+            };
+            if let Err(error) = result {
+                tracing::warn!(%error, "invalidation did not reach the coordination store");
+            }
+        });
     }
 
     /// Removes the entry of `key`, whether a replay or a running flight; returns whether
@@ -30,12 +61,14 @@ impl Handle {
     /// A running flight goes on and answers the callers already waiting on it, but its
     /// result is not replayed: the next request for `key` reaches the inner service.
     pub fn invalidate(&self, key: &Fingerprint) -> bool {
+        self.propagate(Invalidation::Key(*key));
         self.table.invalidate(key)
     }
 
     /// Removes every entry in `group` (the HTTP front groups entries by token subject);
     /// returns how many.
     pub fn invalidate_group(&self, group: &Fingerprint) -> usize {
+        self.propagate(Invalidation::Group(*group));
         self.table.invalidate_group(group)
     }
 
@@ -64,7 +97,8 @@ impl Handle {
 
     /// A snapshot of the counters and gauges.
     pub fn stats(&self) -> Stats {
-        self.table.stats()
+        let breaker_open = self.remote.as_ref().is_some_and(|r| r.breaker_open());
+        self.table.stats(breaker_open)
     }
 }
 

@@ -63,6 +63,7 @@ pub struct HttpExtract<V> {
 }
 
 struct ExtractConfig<V> {
+    paths: Option<Vec<String>>,
     sources: Vec<TokenSource>,
     reads_body: bool,
     body_limit: usize,
@@ -80,6 +81,7 @@ impl<V: Verify> HttpExtract<V> {
         let sources = TokenSource::defaults();
         Self {
             inner: Arc::new(ExtractConfig {
+                paths: None,
                 reads_body: sources.iter().any(TokenSource::reads_body),
                 sources,
                 body_limit: DEFAULT_BODY_LIMIT,
@@ -95,6 +97,19 @@ impl<V: Verify> HttpExtract<V> {
         let config = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
         change(config);
         self
+    }
+
+    /// Coalesces only requests to these paths; any other request passes through to the
+    /// inner service untouched. Default: every request the layer sees.
+    ///
+    /// Entries are keyed by token and client, not by path: one layer must only ever see
+    /// requests of one refresh endpoint. With axum, attach it to that route alone
+    /// (`route_layer`); on a tonic server, where `Server::builder().layer(..)` sees every
+    /// method, name the refresh method here (`/package.Service/Method`).
+    #[must_use]
+    pub fn paths(self, paths: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let paths = paths.into_iter().map(Into::into).collect();
+        self.config(|c| c.paths = Some(paths))
     }
 
     /// Where tokens are looked for, in order. Default: [`TokenSource::defaults`].
@@ -157,6 +172,7 @@ impl<V> Clone for HttpExtract<V> {
 impl<V> fmt::Debug for HttpExtract<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpExtract")
+            .field("paths", &self.inner.paths)
             .field("sources", &self.inner.sources)
             .field("body_limit", &self.inner.body_limit)
             .field("max_token_len", &self.inner.max_token_len)
@@ -194,6 +210,12 @@ where
     type Future = ExtractFuture<B>;
 
     fn extract(&self, request: Request<B>) -> Self::Future {
+        if let Some(paths) = &self.inner.paths
+            && !paths.iter().any(|path| path == request.uri().path())
+        {
+            let request = request.map(RequestBody::streaming);
+            return ExtractFuture::ready(Ok(Extracted::Bypass(request)));
+        }
         let (parts, body) = request.into_parts();
         let kind = source::body_kind(&parts.headers);
         if !(self.inner.reads_body && matches!(kind, Some(BodyKind::Json | BodyKind::Form))) {
@@ -254,7 +276,7 @@ impl<V: Verify> ExtractConfig<V> {
             let verified = self.verifier.verify(&token)?;
             let subject = verified.subject.as_deref().unwrap_or("");
             let key = self.keys.subject_key(subject, client);
-            let admission = admission(&self.keys, verified);
+            let admission = admission(&self.keys, &token, verified);
             return Ok(Extracted::Coalesce {
                 key,
                 token: Candidate {
@@ -273,12 +295,12 @@ impl<V: Verify> ExtractConfig<V> {
     }
 
     fn admission(&self, token: &str) -> Result<Admission, Rejected> {
-        Ok(admission(&self.keys, self.verifier.verify(token)?))
+        Ok(admission(&self.keys, token, self.verifier.verify(token)?))
     }
 }
 
-fn admission(keys: &Fingerprinter, verified: Verified) -> Admission {
-    let mut admission = Admission::new();
+fn admission(keys: &Fingerprinter, token: &str, verified: Verified) -> Admission {
+    let mut admission = Admission::new().seal(keys.token_seal(token));
     if let Some(subject) = &verified.subject {
         admission = admission.group(keys.subject_group(subject));
     }
@@ -717,6 +739,208 @@ where
 
     fn ready_error(&self, error: E) -> E {
         error
+    }
+
+    fn encode(&self, value: &Self::Value) -> Option<Vec<u8>> {
+        match &value.kind {
+            SharedKind::Buffered {
+                status,
+                version,
+                headers,
+                body,
+                trailers,
+            } => Some(wire::encode(
+                *status,
+                *version,
+                headers,
+                body,
+                trailers.as_ref(),
+            )),
+            // Too large, or an error of the inner service: nothing another instance can use.
+            _ => None,
+        }
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Option<Self::Value> {
+        let (status, version, headers, body, trailers) = wire::decode(bytes)?;
+        Some(SharedResponse {
+            kind: SharedKind::Buffered {
+                status,
+                version,
+                headers,
+                body,
+                trailers,
+            },
+        })
+    }
+}
+
+/// The stored form of a buffered response, for other instances: a version byte, then
+/// status, HTTP version, headers, body and trailers, each length-prefixed. The bytes are
+/// sealed by the store; decoding still checks every length and refuses anything left over.
+mod wire {
+    use ::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+    use bytes::Bytes;
+
+    const FORMAT: u8 = 1;
+
+    fn version_code(version: Version) -> u8 {
+        match version {
+            Version::HTTP_09 => 0,
+            Version::HTTP_10 => 1,
+            Version::HTTP_2 => 3,
+            Version::HTTP_3 => 4,
+            _ => 2,
+        }
+    }
+
+    fn code_version(code: u8) -> Option<Version> {
+        Some(match code {
+            0 => Version::HTTP_09,
+            1 => Version::HTTP_10,
+            2 => Version::HTTP_11,
+            3 => Version::HTTP_2,
+            4 => Version::HTTP_3,
+            _ => return None,
+        })
+    }
+
+    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+
+    fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+        out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+        for (name, value) in headers {
+            put(out, name.as_str().as_bytes());
+            put(out, value.as_bytes());
+        }
+    }
+
+    pub(super) fn encode(
+        status: StatusCode,
+        version: Version,
+        headers: &HeaderMap,
+        body: &Bytes,
+        trailers: Option<&HeaderMap>,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + body.len() + headers.len() * 48);
+        out.push(FORMAT);
+        out.extend_from_slice(&status.as_u16().to_be_bytes());
+        out.push(version_code(version));
+        put_headers(&mut out, headers);
+        put(&mut out, body);
+        match trailers {
+            Some(trailers) => {
+                out.push(1);
+                put_headers(&mut out, trailers);
+            }
+            None => out.push(0),
+        }
+        out
+    }
+
+    struct Reader<'a>(&'a [u8]);
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            if self.0.len() < n {
+                return None;
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Some(head)
+        }
+
+        fn byte(&mut self) -> Option<u8> {
+            Some(self.take(1)?[0])
+        }
+
+        fn u32(&mut self) -> Option<usize> {
+            let bytes: [u8; 4] = self.take(4)?.try_into().ok()?;
+            usize::try_from(u32::from_be_bytes(bytes)).ok()
+        }
+
+        fn chunk(&mut self) -> Option<&'a [u8]> {
+            let len = self.u32()?;
+            self.take(len)
+        }
+
+        fn headers(&mut self) -> Option<HeaderMap> {
+            let count = self.u32()?;
+            // Every entry takes at least 8 bytes: a hostile count cannot allocate much.
+            let mut headers = HeaderMap::with_capacity(count.min(self.0.len() / 8));
+            for _ in 0..count {
+                let name = HeaderName::from_bytes(self.chunk()?).ok()?;
+                let value = HeaderValue::from_bytes(self.chunk()?).ok()?;
+                headers.append(name, value);
+            }
+            Some(headers)
+        }
+    }
+
+    type Decoded = (StatusCode, Version, HeaderMap, Bytes, Option<HeaderMap>);
+
+    pub(super) fn decode(bytes: &[u8]) -> Option<Decoded> {
+        let mut reader = Reader(bytes);
+        if reader.byte()? != FORMAT {
+            return None;
+        }
+        let status = u16::from_be_bytes(reader.take(2)?.try_into().ok()?);
+        let status = StatusCode::from_u16(status).ok()?;
+        let version = code_version(reader.byte()?)?;
+        let headers = reader.headers()?;
+        let body = Bytes::copy_from_slice(reader.chunk()?);
+        let trailers = match reader.byte()? {
+            0 => None,
+            1 => Some(reader.headers()?),
+            _ => return None,
+        };
+        reader
+            .0
+            .is_empty()
+            .then_some((status, version, headers, body, trailers))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_response_survives_the_round_trip_with_repeated_headers_and_trailers() {
+            let mut headers = HeaderMap::new();
+            headers.append("set-cookie", HeaderValue::from_static("a=1"));
+            headers.append("set-cookie", HeaderValue::from_static("b=2"));
+            headers.append("cache-control", HeaderValue::from_static("no-store"));
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            let body = Bytes::from_static(b"{\"refresh_token\":\"r2\"}");
+            let bytes = encode(
+                StatusCode::OK,
+                Version::HTTP_2,
+                &headers,
+                &body,
+                Some(&trailers),
+            );
+            let decoded = decode(&bytes).expect("decodes");
+            assert_eq!(
+                decoded,
+                (
+                    StatusCode::OK,
+                    Version::HTTP_2,
+                    headers,
+                    body,
+                    Some(trailers)
+                )
+            );
+            for cut in 0..bytes.len() {
+                assert_eq!(decode(&bytes[..cut]), None, "truncated at {cut}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decode(&longer), None, "trailing bytes");
+        }
     }
 }
 

@@ -180,6 +180,11 @@ impl Fingerprinter {
     pub(crate) fn subject_group(&self, subject: &str) -> Fingerprint {
         self.fingerprint("subject", &[subject.as_bytes()])
     }
+
+    /// The sealing secret of a token's stored values (see [`Admission::seal`]).
+    pub(crate) fn token_seal(&self, token: &str) -> [u8; 32] {
+        *self.fingerprint("seal", &[token.as_bytes()]).as_bytes()
+    }
 }
 
 fn update_prefixed(mac: &mut Hmac<Sha256>, part: &[u8]) {
@@ -205,10 +210,21 @@ impl fmt::Debug for Fingerprinter {
 /// A request that leads a flight is admitted once; requests that later match its entry
 /// skip verification (they carry the same bytes) but are still refused once `not_after` has
 /// passed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Admission {
     group: Option<Fingerprint>,
     not_after: Option<SystemTime>,
+    seal: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("group", &self.group)
+            .field("not_after", &self.not_after)
+            .field("seal", &self.seal.map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Admission {
@@ -230,6 +246,21 @@ impl Admission {
     pub fn not_after(mut self, not_after: SystemTime) -> Self {
         self.not_after = Some(not_after);
         self
+    }
+
+    /// A secret derived from the exact token (a keyed hash, never the token itself): a
+    /// [`Store`](crate::store::Store) shared by several instances mixes it into the key that
+    /// seals this entry's value, so the stored value cannot be read without the token.
+    /// Without it, values are sealed under the store's secret and the key alone.
+    #[must_use]
+    pub fn seal(mut self, seal: [u8; 32]) -> Self {
+        self.seal = Some(seal);
+        self
+    }
+
+    /// The token-derived sealing secret, if any.
+    pub fn seal_key(&self) -> Option<&[u8; 32]> {
+        self.seal.as_ref()
     }
 
     /// The entry's group, if any.

@@ -10,6 +10,7 @@ use crate::{
     key::Fingerprinter,
     service::RefreshCoalesce,
     share::CloneResponse,
+    store::{Breaker, Invalidation, Remote, Store},
 };
 
 /// Applies [`RefreshCoalesce`] to a service: concurrent requests with the same key become one
@@ -64,6 +65,14 @@ pub(crate) struct Core<X, P> {
     pub(crate) hard_cap: Duration,
     /// The fingerprint keys of the HTTP front, for invalidation by token or subject.
     pub(crate) keys: Option<Fingerprinter>,
+    /// The store shared with other instances, if any.
+    pub(crate) remote: Option<Arc<Remote>>,
+}
+
+impl<X, P> Core<X, P> {
+    pub(crate) fn handle(&self) -> Handle {
+        Handle::new(self.table.clone(), self.keys.clone(), self.remote.clone())
+    }
 }
 
 impl<X> RefreshCoalesceLayer<X> {
@@ -84,6 +93,8 @@ impl<X> RefreshCoalesceLayer<X> {
             max_waiters: 10_000,
             max_replays: None,
             keys: None,
+            store: None,
+            breaker: (3, Duration::from_secs(5)),
         }
     }
 }
@@ -111,7 +122,7 @@ impl<V: crate::token::Verify>
 impl<X, P> RefreshCoalesceLayer<X, P> {
     /// A handle on this layer's table, for invalidation and statistics.
     pub fn handle(&self) -> Handle {
-        Handle::new(self.core.table.clone(), self.core.keys.clone())
+        self.core.handle()
     }
 }
 
@@ -160,6 +171,8 @@ pub struct Builder<X, P = CloneResponse> {
     max_waiters: usize,
     max_replays: Option<u32>,
     keys: Option<Fingerprinter>,
+    store: Option<Arc<dyn Store>>,
+    breaker: (u32, Duration),
 }
 
 impl<X, P> Builder<X, P> {
@@ -211,6 +224,27 @@ impl<X, P> Builder<X, P> {
         self
     }
 
+    /// Coordinates flights and replays with the other instances of a deployment through
+    /// `store` (a [`RedisStore`](crate::store::RedisStore), say). Default: none, each process
+    /// coalesces on its own.
+    ///
+    /// Only flights talk to the store; replays this process holds are answered without it.
+    /// The share policy must encode its values ([`Share::encode`](crate::Share::encode)) for
+    /// other instances to receive them; the HTTP front's does.
+    #[must_use]
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// After `failures` store failures in a row, skip the store for `cool_down` and coalesce
+    /// per instance; then try it again. Default: 3 failures, 5 seconds.
+    #[must_use]
+    pub fn breaker(mut self, failures: u32, cool_down: Duration) -> Self {
+        self.breaker = (failures, cool_down);
+        self
+    }
+
     /// Installs the policy that stores, replays and answers results. Default:
     /// [`CloneResponse`], which clones `Clone` responses and replays every `Ok`.
     #[must_use]
@@ -225,25 +259,48 @@ impl<X, P> Builder<X, P> {
             max_waiters: self.max_waiters,
             max_replays: self.max_replays,
             keys: self.keys,
+            store: self.store,
+            breaker: self.breaker,
         }
     }
 
     /// Builds the layer and its table.
     pub fn build(self) -> RefreshCoalesceLayer<X, P> {
-        let table = Table::new(Limits {
+        let table = Arc::new(Table::new(Limits {
             ttl: self.ttl,
             max_entries: self.max_entries,
             max_waiters: self.max_waiters,
             max_replays: self.max_replays,
+        }));
+        let remote = self.store.map(|store| {
+            // Other instances' invalidations reach this table.
+            let weak = Arc::downgrade(&table);
+            store.listen(Arc::new(move |invalidation: &Invalidation| {
+                if let Some(table) = weak.upgrade() {
+                    match invalidation {
+                        Invalidation::Key(key) => {
+                            table.invalidate(key);
+                        }
+                        Invalidation::Group(group) => {
+                            table.invalidate_group(group);
+                        }
+                    }
+                }
+            }));
+            let (failures, cool_down) = self.breaker;
+            // The lock outlives the hard cap, so it never expires under a running leader.
+            let lease = self.hard_cap + Duration::from_secs(5);
+            Arc::new(Remote::new(store, Breaker::new(failures, cool_down), lease))
         });
         RefreshCoalesceLayer {
             core: Arc::new(Core {
                 extract: self.extract,
                 share: self.share,
-                table: Arc::new(table),
+                table,
                 wait_timeout: self.wait_timeout,
                 hard_cap: self.hard_cap,
                 keys: self.keys,
+                remote,
             }),
         }
     }

@@ -1,6 +1,9 @@
 //! Counters and gauges.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 /// How a request ended, one counter each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,6 +83,18 @@ pub struct Stats {
     pub in_flight: u64,
     /// Live entries (flights and replays) in the table now.
     pub entries: u64,
+    /// Flights that won the store's election (and called the inner service).
+    pub store_won: u64,
+    /// Flights that lost the election and waited for another instance's result.
+    pub store_lost: u64,
+    /// Flights answered by a result another instance stored (a replay or a flight outcome).
+    pub store_replayed: u64,
+    /// Store commands that failed or exceeded their budget.
+    pub store_errors: u64,
+    /// Times the breaker opened (the store was skipped for a while).
+    pub breaker_opened: u64,
+    /// `1` while the breaker is open, else `0`.
+    pub breaker_open: u64,
 }
 
 impl Stats {
@@ -103,24 +118,45 @@ impl Stats {
 pub(crate) struct Counters {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     reuse_suspected: AtomicU64,
+    pub(crate) store: StoreCounters,
+}
+
+/// What happened between the flights and the store.
+#[derive(Debug, Default)]
+pub(crate) struct StoreCounters {
+    pub(crate) won: AtomicU64,
+    pub(crate) lost: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) breaker_opened: AtomicU64,
+}
+
+impl StoreCounters {
+    pub(crate) fn add(counter: &AtomicU64, name: &'static str) {
+        counter.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("refresh_coalesce_store_total", "event" => name).increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = name;
+    }
 }
 
 impl Counters {
     pub(crate) fn record(&self, outcome: Outcome) {
-        self.outcomes[outcome as usize].fetch_add(1, Relaxed);
+        self.outcomes[outcome as usize].fetch_add(1, Release);
         #[cfg(feature = "metrics")]
         metrics::counter!("refresh_coalesce_requests_total", "outcome" => outcome.as_str())
             .increment(1);
     }
 
     pub(crate) fn reuse_suspected(&self) {
-        self.reuse_suspected.fetch_add(1, Relaxed);
+        self.reuse_suspected.fetch_add(1, Release);
         #[cfg(feature = "metrics")]
         metrics::counter!("refresh_coalesce_reuse_suspected_total").increment(1);
     }
 
-    pub(crate) fn snapshot(&self, in_flight: u64, entries: u64) -> Stats {
-        let get = |o: Outcome| self.outcomes[o as usize].load(Relaxed);
+    pub(crate) fn snapshot(&self, in_flight: u64, entries: u64, breaker_open: bool) -> Stats {
+        let get = |o: Outcome| self.outcomes[o as usize].load(Acquire);
         Stats {
             leader: get(Outcome::Leader),
             joined: get(Outcome::Joined),
@@ -130,9 +166,15 @@ impl Counters {
             overloaded: get(Outcome::Overloaded),
             leader_failed: get(Outcome::LeaderFailed),
             bypassed: get(Outcome::Bypassed),
-            reuse_suspected: self.reuse_suspected.load(Relaxed),
+            reuse_suspected: self.reuse_suspected.load(Acquire),
             in_flight,
             entries,
+            store_won: self.store.won.load(Relaxed),
+            store_lost: self.store.lost.load(Relaxed),
+            store_replayed: self.store.replayed.load(Relaxed),
+            store_errors: self.store.errors.load(Relaxed),
+            breaker_opened: self.store.breaker_opened.load(Relaxed),
+            breaker_open: u64::from(breaker_open),
         }
     }
 }

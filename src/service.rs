@@ -44,7 +44,7 @@ impl<S, X, P> RefreshCoalesce<S, X, P> {
 
     /// A handle on the shared table, for invalidation and statistics.
     pub fn handle(&self) -> Handle {
-        Handle::new(self.core.table.clone(), self.core.keys.clone())
+        self.core.handle()
     }
 }
 

@@ -74,6 +74,21 @@ pub trait Share<R, E>: Send + Sync + 'static {
 
     /// Converts an error of the inner service's `poll_ready`.
     fn ready_error(&self, error: E) -> Self::Error;
+
+    /// Encodes `value` for a [`Store`](crate::store::Store) shared with other instances.
+    /// `None` (the default) keeps the value in this process: with a store configured, the
+    /// flight then still runs one election, but other instances cannot receive its result.
+    fn encode(&self, value: &Self::Value) -> Option<Vec<u8>> {
+        let _ = value;
+        None
+    }
+
+    /// Decodes what [`encode`](Share::encode) produced, on another instance; `None` if the
+    /// bytes are not a value of this policy.
+    fn decode(&self, bytes: &[u8]) -> Option<Self::Value> {
+        let _ = bytes;
+        None
+    }
 }
 
 /// The core's sharing policy: every caller gets a clone of the inner service's response.

@@ -6,7 +6,7 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 use tower_refresh_coalesce::{
-    Handle, HttpExtract, HttpShare, JwtVerifier, Outcome, RefreshCoalesceLayer, token::ConfigError,
+    BoxError, Handle, HttpExtract, HttpShare, JwtVerifier, Outcome, RefreshCoalesceLayer,
 };
 
 use super::{Config, INVALID_GRANT_STATUS, TokenKeys, crypto};
@@ -16,19 +16,46 @@ pub type Layer = RefreshCoalesceLayer<HttpExtract<JwtVerifier>, HttpShare>;
 
 /// Builds the layer: it verifies refresh tokens exactly as the handler does (HS256 under
 /// the server's key, `typ: refresh+jwt`), keys them with a fingerprint secret derived from
-/// the deployment secret (so instances sharing a secret agree on keys), and answers
-/// `invalid_grant` with the handler's status.
-pub fn layer(config: &Config, secret: &[u8], keys: &TokenKeys) -> Result<Layer, ConfigError> {
+/// the deployment secret (so instances sharing a secret agree on keys), answers
+/// `invalid_grant` with the handler's status, and with `--redis` coordinates with the
+/// other instances.
+pub fn layer(config: &Config, secret: &[u8], keys: &TokenKeys) -> Result<Layer, BoxError> {
     let verifier = JwtVerifier::hs256(keys.signing_key())
         .typ(super::tokens::REFRESH_TOKEN_TYP)
         .build()?;
     let extract =
         HttpExtract::new(verifier).secret(crypto::hmac_sha256(secret, b"refresh-fingerprints"));
-    Ok(RefreshCoalesceLayer::http(extract)
+    let mut builder = RefreshCoalesceLayer::http(extract)
         .ttl(config.ttl_duration())
         .wait_timeout(config.wait_timeout_duration())
-        .share(HttpShare::new().invalid_grant_status(INVALID_GRANT_STATUS))
-        .build())
+        .share(HttpShare::new().invalid_grant_status(INVALID_GRANT_STATUS));
+    if let Some(url) = &config.redis {
+        builder = builder.store(redis_store(url, secret)?);
+    }
+    Ok(builder.build())
+}
+
+#[cfg(feature = "redis")]
+fn redis_store(
+    url: &str,
+    secret: &[u8],
+) -> Result<tower_refresh_coalesce::store::RedisStore, BoxError> {
+    let client = redis::Client::open(url)?;
+    let seal_secret = crypto::hmac_sha256(secret, b"redis-seal");
+    let store = tower_refresh_coalesce::store::RedisStore::builder(client, seal_secret).build()?;
+    tracing::info!(url, "coordinating with other instances through redis");
+    Ok(store)
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_store(
+    _url: &str,
+    _secret: &[u8],
+) -> Result<tower_refresh_coalesce::store::MemoryStore, BoxError> {
+    Err(
+        "--redis needs the `redis` feature: cargo run --release --features redis --example server"
+            .into(),
+    )
 }
 
 /// Exposes the layer's [`Stats`](tower_refresh_coalesce::Stats) on each scrape.

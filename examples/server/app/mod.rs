@@ -271,7 +271,7 @@ pub enum AppError {
     /// The database could not be opened, migrated or seeded.
     Store(StoreError),
     /// The coalescing layer could not be built.
-    Layer(tower_refresh_coalesce::token::ConfigError),
+    Layer(tower_refresh_coalesce::BoxError),
 }
 
 impl std::fmt::Display for AppError {
@@ -289,7 +289,7 @@ impl std::error::Error for AppError {
         match self {
             AppError::Config(_) => None,
             AppError::Store(e) => Some(e),
-            AppError::Layer(e) => Some(e),
+            AppError::Layer(e) => Some(&**e),
         }
     }
 }
