@@ -168,6 +168,7 @@ impl Fingerprinter {
     }
 
     /// The key of a subject's requests when matching by subject is opted into.
+    #[cfg(feature = "http")]
     pub(crate) fn subject_key(&self, subject: &str, client: Option<&str>) -> Fingerprint {
         let (bound, client) = match client {
             Some(client) => (&b"1"[..], client.as_bytes()),
@@ -182,6 +183,7 @@ impl Fingerprinter {
     }
 
     /// The sealing secret of a token's stored values (see [`Admission::seal`]).
+    #[cfg(feature = "http")]
     pub(crate) fn token_seal(&self, token: &str) -> [u8; 32] {
         *self.fingerprint("seal", &[token.as_bytes()]).as_bytes()
     }
