@@ -67,17 +67,141 @@
 //! # Building blocks
 //!
 //! - [`Extract`]: how a request becomes a [`Fingerprint`] key, and how a request that has to
-//!   lead is verified. Any `Fn(&Req) -> Option<K>` is one.
+//!   lead is verified. Any `Fn(&Req) -> Option<K>` is one; [`HttpExtract`] is the HTTP front.
 //! - [`Share`]: how one result is stored, replayed and answered. [`CloneResponse`] (the
-//!   default) clones `Clone` responses and replays every `Ok`.
-//! - [`Handle`]: invalidation (by key or by group) and [`Stats`].
+//!   default) clones `Clone` responses and replays every `Ok`; [`HttpShare`] buffers whole
+//!   HTTP responses.
+//! - [`Handle`]: invalidation (by key, token, group or subject) and [`Stats`].
+//! - [`store::Store`]: coordination across instances ([`store::RedisStore`]).
+//!
+//! # The HTTP front
+//!
+//! [`RefreshCoalesceLayer::http`] puts the layer in front of an HTTP refresh endpoint:
+//!
+//! 1. **Find the token**: `Authorization: Bearer`, the cookie `refresh_token`, the JSON field
+//!    `refresh_token` or an RFC 6749 §6 form, in that order ([`TokenSource`]). The body is
+//!    read only for the body sources, capped at 16 KiB (`413` beyond), and handed on
+//!    unchanged. `Authorization: Basic` is client authentication, never the token.
+//! 2. **Key it**: a keyed hash of the exact token and the client id (the Basic user or the
+//!    form's `client_id`).
+//! 3. **Replay or join** a live entry for that key, without a second signature check (the
+//!    bytes are identical) but not past the token's `exp`.
+//! 4. **Verify** before leading: [`JwtVerifier`] pins algorithms, checks `exp` and `nbf`
+//!    with a 5 s leeway, requires a non-empty `sub`, checks `iss`/`aud` when configured,
+//!    refuses access tokens by `typ` or a claim, refuses unknown `crit` and tokens over
+//!    4 KiB. [`Opaque`] leaves judgement to the inner service.
+//! 5. **Share** the inner response: buffered once (up to 64 KiB) and rebuilt byte-identical
+//!    for every caller, `Set-Cookie`, `Cache-Control` and trailers included. Only `2xx` is
+//!    replayed.
+//!
+//! Refusals are JSON: `400 invalid_request` (no or malformed token), `401 invalid_grant`
+//! (status configurable), `413`, `429` with `Retry-After` for a caller that waited too long,
+//! `503` with `Retry-After` for overload or a failed flight. With [`HttpShare::grpc`] they are
+//! trailers-only gRPC statuses instead. No refusal ever reaches the inner service, and none
+//! echoes the token.
+//!
+//! ## axum
+//!
+//! Attach the layer to the refresh route alone. Every route and connection gets its own
+//! service, and all of them share the layer's one table.
+//!
+//! ```
+//! use axum::{Router, body::Bytes, routing::post};
+//! use tower_refresh_coalesce::{HttpExtract, JwtVerifier, RefreshCoalesceLayer};
+//!
+//! async fn refresh(body: Bytes) -> &'static str {
+//!     // Rotate the refresh token in one transaction, issue a new pair...
+//!     "{}"
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let verifier = JwtVerifier::hs256(b"token signing key").typ("refresh+jwt").build()?;
+//! let extract = HttpExtract::new(verifier).secret(b"fingerprint secret");
+//! let layer = RefreshCoalesceLayer::http(extract).build();
+//! let handle = layer.handle(); // for logout: handle.invalidate_subject(sub)
+//!
+//! let app: Router = Router::new().route("/auth/refresh", post(refresh).route_layer(layer));
+//! # let _ = (app, handle);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## hyper
+//!
+//! Wrap the service with `tower::ServiceBuilder` and serve it through
+//! `hyper_util::service::TowerToHyperService`; the inner service takes
+//! `http::Request<RequestBody<hyper::body::Incoming>>`.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::ServiceBuilder;
+//! use tower_refresh_coalesce::{HttpExtract, Opaque, RefreshCoalesceLayer, http::RequestBody};
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(RefreshCoalesceLayer::http(HttpExtract::new(Opaque)).build())
+//!     .service_fn(|request: Request<RequestBody<hyper::body::Incoming>>| async move {
+//!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+//!     });
+//! let service = hyper_util::service::TowerToHyperService::new(service);
+//! # let _ = service;
+//! ```
+//!
+//! ## tonic
+//!
+//! A tonic server's layer sees every method: name the refresh method with
+//! [`HttpExtract::paths`], take the token from metadata, and answer with gRPC statuses.
+//!
+//! ```
+//! use http::HeaderName;
+//! use tower_refresh_coalesce::{HttpExtract, HttpShare, Opaque, RefreshCoalesceLayer, TokenSource};
+//!
+//! let extract = HttpExtract::new(Opaque)
+//!     .paths(["/auth.v1.TokenService/Refresh"])
+//!     .sources([TokenSource::metadata(HeaderName::from_static("x-refresh-token"))]);
+//! let layer = RefreshCoalesceLayer::http(extract).share(HttpShare::new().grpc()).build();
+//! // tonic::transport::Server::builder().layer(layer).add_service(...)
+//! # let _ = layer;
+//! ```
+//!
+//! `examples/grpc.rs` is a complete tonic server and client.
+//!
+//! # Several instances
+//!
+//! Behind a load balancer, a storm spreads over the instances and each would refresh once.
+//! With a shared [`store::RedisStore`] (feature `redis`) they elect one leader per token; the
+//! others wait for its result, which is stored sealed and replayed everywhere.
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_refresh_coalesce::{HttpExtract, Opaque, RefreshCoalesceLayer, store::RedisStore};
+//!
+//! let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+//! let store = RedisStore::builder(client, b"deployment secret").build()?;
+//! let layer = RefreshCoalesceLayer::http(HttpExtract::new(Opaque).secret(b"fingerprint secret"))
+//!     .store(store)
+//!     .build();
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every instance needs the same fingerprint secret and store secret. Each Redis command has
+//! a budget (100 ms); after repeated failures a breaker skips Redis for a while and each
+//! instance coalesces on its own (at most one inner call per instance per token). A request
+//! already waiting on another instance's flight never starts a refresh of its own: it waits
+//! until `wait_timeout` and gets `429`.
 //!
 //! # Feature flags
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `http` | yes | the HTTP front: token sources, response buffering, JSON rejections |
-//! | `jwt` | yes | JWT verification of refresh tokens with `jsonwebtoken` |
+//! | `http` | yes | the HTTP front: token sources, response buffering, JSON and gRPC refusals |
+//! | `jwt` | yes | JWT verification of refresh tokens with `jsonwebtoken` (pure-Rust crypto) |
+//! | `redis` | no | [`store::RedisStore`]: coordination across instances |
 //! | `metrics` | no | counters through the `metrics` crate facade |
 //!
 //! # Backpressure
@@ -85,9 +209,9 @@
 //! `poll_ready` delegates to the inner service, and the leader calls the very service it
 //! readied. Every other caller releases its readied service (and whatever capacity it
 //! reserved, a `ConcurrencyLimit` permit say) as soon as its key is known, so waiting
-//! callers hold no inner capacity. Put the layer outside such limits. The table is bounded: at most
-//! `max_entries` live entries (100,000) and `max_waiters` callers per flight (10,000);
-//! beyond either, requests get [`Overloaded`](error::Overloaded) at once.
+//! callers hold no inner capacity. Put the layer outside such limits. The table is bounded:
+//! at most `max_entries` live entries (100,000) and `max_waiters` callers per flight
+//! (10,000); beyond either, requests get [`Overloaded`](error::Overloaded) at once.
 //!
 //! # Cancellation
 //!
@@ -98,13 +222,21 @@
 //!
 //! # Security
 //!
-//! - Keys are fingerprints of the *exact* token (a keyed hash); raw tokens are never stored,
-//!   logged or used as keys. Matching by the user alone would hand an old, already rotated
-//!   (possibly stolen) token the user's fresh pair, and hide the reuse from the server.
-//! - A request may lead a flight only after [`Extract::admit`] verified it; requests that
-//!   match a live entry carry the same bytes and skip a second verification, but are still
-//!   refused once the token's own expiry has passed.
-//! - Entries can be grouped (by subject) and invalidated as a group, for logout.
+//! - **Token-bound keys.** Entries are matched on the exact token and client, through a
+//!   keyed hash; raw tokens are never stored, logged or used as keys. Matching by the user
+//!   alone would hand an old, already rotated (possibly stolen) token the user's fresh pair,
+//!   hide the reuse from the identity server, and give one device another's session; it is
+//!   available only as the documented opt-in [`HttpExtract::match_by_subject`].
+//! - **Verification first.** A request may call the inner service only after
+//!   [`Extract::admit`] verified it. Requests matching a live entry carry identical bytes and
+//!   skip a second check, but never past the token's own expiry.
+//! - **Reuse stays visible.** A different token of a subject with a live entry goes to the
+//!   inner service like any other and is counted as `reuse_suspected`.
+//! - **The TTL is a reuse window.** Keep `ttl` (30 s) shorter than the identity server's own
+//!   grace period for a rotated token, and call [`Handle::invalidate_subject`] on logout and
+//!   password change so a revoked family is never replayed.
+//! - **Sealed at rest.** Values in Redis are encrypted with a key derived from the deployment
+//!   secret and the refreshed token; key names carry only fingerprints.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod error;
