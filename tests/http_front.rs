@@ -1235,3 +1235,37 @@ async fn sources_can_be_restricted_to_headers_and_the_body_then_streams_untouche
     let response = send(&front.service, request).await;
     assert_eq!(response.json()["echo"], "{\"refresh_token\":\"ignored\"}");
 }
+
+#[tokio::test]
+async fn requests_to_other_paths_pass_through_untouched() {
+    let front = front_with(
+        HttpExtract::new(hs256_verifier()).paths(["/auth/refresh"]),
+        HttpShare::new(),
+        new_pair,
+    );
+    front.gate.open();
+    let other = Request::post("/auth/stats")
+        .body(Body::from("no token here"))
+        .unwrap();
+    let response = send(&front.service, other).await;
+    assert_eq!(
+        response.status,
+        StatusCode::OK,
+        "not refused for want of a token"
+    );
+    assert_eq!(
+        response.json()["echo"],
+        "no token here",
+        "the body streamed through"
+    );
+    assert_eq!(front.handle.stats().bypassed, 1);
+
+    let token = tokens::refresh("alice");
+    let first = send(&front.service, bearer(&token)).await;
+    assert_eq!(send(&front.service, bearer(&token)).await, first);
+    assert_eq!(
+        front.calls.get(),
+        2,
+        "one call for the other path, one for the refresh"
+    );
+}

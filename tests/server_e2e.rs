@@ -904,3 +904,79 @@ async fn an_oauth2_style_client_with_basic_auth_and_client_id_refreshes() {
     assert_eq!(metrics.layer("leader"), 2);
     assert_eq!(metrics.reuse_detected(), 0);
 }
+
+/// The `oauth2` crate's HTTP client contract, served by the test's hyper client.
+async fn oauth2_http(
+    server: &TestServer,
+    request: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, hyper_util::client::legacy::Error> {
+    let response = server.client.request(request.map(Full::from)).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body reads").to_bytes();
+    Ok(oauth2::HttpResponse::from_parts(parts, body.to_vec()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standard_oauth2_client_refreshes_with_basic_auth_and_with_client_id() {
+    use oauth2::{
+        AuthType, ClientId, ClientSecret, RefreshToken, TokenResponse, TokenUrl, basic::BasicClient,
+    };
+
+    let server = TestServer::start(config()).await;
+    let tokens = server.login_demo().await;
+    let http = |request| oauth2_http(&server, request);
+    let token_url = TokenUrl::new(format!("{}{}", server.base, app::REFRESH_PATH)).unwrap();
+
+    // The client's default: credentials in `Authorization: Basic` (RFC 6749 §2.3.1).
+    let confidential = BasicClient::new(ClientId::new("s6BhdRkqt3".into()))
+        .set_client_secret(ClientSecret::new("gX1fBat3bV".into()))
+        .set_token_uri(token_url.clone());
+    let first = confidential
+        .exchange_refresh_token(&RefreshToken::new(tokens.refresh.clone()))
+        .request_async(&http)
+        .await
+        .expect("the refresh_token grant succeeds with Basic client authentication");
+    let refreshed = first
+        .refresh_token()
+        .expect("a rotated refresh token")
+        .secret()
+        .clone();
+    assert_ne!(refreshed, tokens.refresh);
+    assert!(first.expires_in().is_some());
+
+    // A public client sends `client_id` in the form instead.
+    let public = BasicClient::new(ClientId::new("s6BhdRkqt3".into()))
+        .set_auth_type(AuthType::RequestBody)
+        .set_token_uri(token_url);
+    let second = public
+        .exchange_refresh_token(&RefreshToken::new(refreshed.clone()))
+        .request_async(&http)
+        .await
+        .expect("the refresh_token grant succeeds with client_id in the form");
+    assert_ne!(second.refresh_token().unwrap().secret(), &refreshed);
+
+    // The same client retrying the first token inside the TTL gets the same pair, replayed.
+    let retry = confidential
+        .exchange_refresh_token(&RefreshToken::new(tokens.refresh.clone()))
+        .request_async(&http)
+        .await
+        .expect("a retry inside the TTL is replayed");
+    assert_eq!(retry.refresh_token().unwrap().secret(), &refreshed);
+
+    // A forged token: the layer refuses it, and the library sees a standard error response.
+    let forged = public
+        .exchange_refresh_token(&RefreshToken::new(format!("{}x", tokens.refresh)))
+        .request_async(&http)
+        .await
+        .expect_err("a forged token is refused");
+    match forged {
+        oauth2::RequestTokenError::ServerResponse(response) => {
+            assert_eq!(
+                response.error(),
+                &oauth2::basic::BasicErrorResponseType::InvalidGrant
+            );
+        }
+        other => panic!("expected an invalid_grant response, got {other:?}"),
+    }
+    assert_eq!(server.metrics().await.rotations(), 2);
+}
