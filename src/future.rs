@@ -153,6 +153,8 @@ where
                 } => {
                     if let Poll::Ready(result) = waiter.future.poll_unpin(cx) {
                         let served = *served;
+                        #[cfg(feature = "metrics")]
+                        crate::metrics::record_wait(deadline.deadline(), core.wait_timeout);
                         this.state.set(State::Done);
                         return Poll::Ready(match result {
                             Ok(value) => {

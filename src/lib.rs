@@ -202,7 +202,7 @@
 //! | `http` | yes | the HTTP front: token sources, response buffering, JSON and gRPC refusals |
 //! | `jwt` | yes | JWT verification of refresh tokens with `jsonwebtoken` (pure-Rust crypto) |
 //! | `redis` | no | [`store::RedisStore`]: coordination across instances |
-//! | `metrics` | no | counters through the `metrics` crate facade |
+//! | `metrics` | no | the `metrics` facade: `refresh_coalesce_requests_total{outcome}`, `refresh_coalesce_reuse_suspected_total`, `refresh_coalesce_store_total{event}`, histogram `refresh_coalesce_wait_seconds` |
 //!
 //! # Backpressure
 //!

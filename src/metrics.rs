@@ -1,4 +1,10 @@
 //! Counters and gauges.
+//!
+//! [`Stats`] snapshots are always available from a [`Handle`](crate::Handle). With the
+//! `metrics` feature the same events also go to the `metrics` facade:
+//! `refresh_coalesce_requests_total{outcome}`, `refresh_coalesce_reuse_suspected_total`,
+//! `refresh_coalesce_store_total{event}` and the histogram
+//! `refresh_coalesce_wait_seconds` (how long callers waited for their flight).
 
 use std::sync::atomic::{
     AtomicU64,
@@ -177,4 +183,11 @@ impl Counters {
             breaker_open: u64::from(breaker_open),
         }
     }
+}
+
+/// Records how long a caller waited for its flight, from the deadline its wait had.
+#[cfg(feature = "metrics")]
+pub(crate) fn record_wait(deadline: tokio::time::Instant, wait_timeout: std::time::Duration) {
+    let started = deadline - wait_timeout;
+    metrics::histogram!("refresh_coalesce_wait_seconds").record(started.elapsed().as_secs_f64());
 }
