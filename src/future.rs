@@ -161,7 +161,13 @@ where
                                 answer::<S::Response, S::Error, X, P>(core, &value, served)
                             }
                             Err(failed) => {
-                                core.table.counters.record(Outcome::LeaderFailed);
+                                core.table.counters.record(
+                                    if failed.failure() == Failure::RemoteTimeout {
+                                        Outcome::TimedOut
+                                    } else {
+                                        Outcome::LeaderFailed
+                                    },
+                                );
                                 core.share.reject(failed.into())
                             }
                         });

@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 
 use crate::{
-    error::{BoxError, Elapsed, LeaderFailed, Overloaded, Rejected, Rejection},
+    error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded, Rejected, Rejection},
     key::{Admission, Extract, Extracted, Fingerprinter},
     share::{Served, Share},
     token::{
@@ -1059,7 +1059,12 @@ impl Refusal {
                 ),
             };
         }
-        if error.is::<Elapsed>() {
+        // A follower's flight gave up on another instance's leader: to its callers, that is
+        // the wait timing out, whenever they joined.
+        let remote_timeout = error
+            .downcast_ref::<LeaderFailed>()
+            .is_some_and(|failed| failed.failure() == Failure::RemoteTimeout);
+        if error.is::<Elapsed>() || remote_timeout {
             return refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "temporarily_unavailable",

@@ -204,6 +204,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<'a, Option<Stored>>;
 
     /// Takes the lock of `key` for `lease` with `fence`, unless another flight holds it.
+    /// Must be idempotent for one fence: electing again with the fence that holds the lock
+    /// reports [`Election::Won`] (a retry after a lost answer).
     fn elect<'a>(
         &'a self,
         key: &'a Fingerprint,
@@ -320,6 +322,11 @@ impl MemoryState {
         self.locks.retain(|_, (_, expires)| *expires > now);
         self.results.retain(|_, (_, _, expires)| *expires > now);
         self.outcomes.retain(|_, (_, _, expires)| *expires > now);
+        let results = &self.results;
+        self.groups.retain(|_, members| {
+            members.retain(|key| results.contains_key(key));
+            !members.is_empty()
+        });
     }
 }
 
@@ -358,6 +365,7 @@ impl Store for MemoryStore {
             let mut state = self.state();
             state.expire(now);
             match state.locks.get(key) {
+                Some((leader, _)) if leader == fence => Ok(Election::Won),
                 Some((leader, _)) => Ok(Election::Lost {
                     leader: leader.clone(),
                 }),
@@ -636,7 +644,16 @@ impl Remote {
             return Plan::Local;
         }
         let fence = Fence::random();
-        match self.store.elect(key, &fence, self.lease).await {
+        // One retry: an election is idempotent for its fence, so a first attempt that timed
+        // out after Redis took the lock for us reports a win the second time.
+        let election = match self.store.elect(key, &fence, self.lease).await {
+            Err(error) => {
+                self.record::<()>(Err(error), counters);
+                self.store.elect(key, &fence, self.lease).await
+            }
+            done => done,
+        };
+        match election {
             Ok(Election::Won) => {
                 self.record(Ok(()), counters);
                 StoreCounters::add(&counters.won, "won");
@@ -667,13 +684,20 @@ impl Remote {
         deadline: Instant,
         counters: &StoreCounters,
     ) -> Option<Stored> {
-        let stored = self
-            .record(self.store.wait(key, leader, seal, deadline).await, counters)
-            .flatten();
-        if stored.is_some() {
-            StoreCounters::add(&counters.replayed, "replayed");
+        match self.store.wait(key, leader, seal, deadline).await {
+            Ok(Some(stored)) => {
+                self.record(Ok(()), counters);
+                StoreCounters::add(&counters.replayed, "replayed");
+                Some(stored)
+            }
+            // Nothing arrived: that says nothing about the store's health (the reads may all
+            // have failed), so the breaker is left as it is.
+            Ok(None) => None,
+            Err(error) => {
+                self.record::<()>(Err(error), counters);
+                None
+            }
         }
-        stored
     }
 
     /// Step 3 of a leader: stores its result (returning another leader's if one was stored

@@ -20,7 +20,7 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{
-        Arc, Mutex, OnceLock, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -84,6 +84,7 @@ impl RedisStoreBuilder {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map(Connection)
             .map_err(StoreError::new)?;
         let inner = Arc::new(Inner {
             client: self.client,
@@ -96,7 +97,7 @@ impl RedisStoreBuilder {
             poll_interval: self.poll_interval,
             waiters: Mutex::new(HashMap::new()),
             subscribed: AtomicBool::new(false),
-            listener: OnceLock::new(),
+            listeners: Mutex::new(Vec::new()),
             scripts: Scripts::new(),
         });
         tokio::spawn(subscribe_loop(Arc::downgrade(&inner)));
@@ -136,9 +137,51 @@ pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
+/// The connection manager, retrying a command once when it failed because a connection was
+/// refused: the manager reconnects only after a command failed, so while Redis was away its
+/// connection is a stored refusal, and without the retry the first command after Redis comes
+/// back fails too (and the breaker's one trial after its cool-down is wasted). A refused
+/// connection sent nothing, so the retry cannot run a command twice.
+#[derive(Clone)]
+struct Connection(ConnectionManager);
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            match self.0.req_packed_command(cmd).await {
+                Err(error) if error.is_connection_refusal() => self.0.req_packed_command(cmd).await,
+                result => result,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            match self.0.req_packed_commands(pipeline, offset, count).await {
+                Err(error) if error.is_connection_refusal() => {
+                    self.0.req_packed_commands(pipeline, offset, count).await
+                }
+                result => result,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
 struct Inner {
     client: Client,
-    connection: ConnectionManager,
+    connection: Connection,
     sealer: Sealer,
     names: Names,
     command_timeout: Duration,
@@ -146,7 +189,7 @@ struct Inner {
     /// Local waiters by key: the pub/sub task wakes them.
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
     subscribed: AtomicBool,
-    listener: OnceLock<Listener>,
+    listeners: Mutex<Vec<Listener>>,
     scripts: Scripts,
 }
 
@@ -193,7 +236,9 @@ fn parse_fingerprint(hex: &str) -> Option<Fingerprint> {
 struct Scripts {
     /// KEYS: res. Returns `{value, pttl}` or nil.
     load: Script,
-    /// KEYS: lock. ARGV: fence, lease ms. Returns `{1}` when won, `{0, holder}` when lost.
+    /// KEYS: lock. ARGV: fence, lease ms. Returns `{1, ''}` when won, `{0, holder}` when lost.
+    /// Idempotent for one fence: if an earlier attempt with this fence timed out on the way
+    /// back but took the lock, a retry reports it won.
     elect: Script,
     /// KEYS: res. ARGV: value, ttl ms, channel, message. Stores the replay unless one exists
     /// and announces it; returns nil, or the existing `{value, pttl}`.
@@ -216,8 +261,10 @@ impl Scripts {
                   return {v, redis.call('PTTL', KEYS[1])}",
             ),
             elect: Script::new(
-                r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
-                  return {0, redis.call('GET', KEYS[1]) or ''}",
+                r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, ''} end
+                  local holder = redis.call('GET', KEYS[1]) or ''
+                  if holder == ARGV[1] then return {1, ''} end
+                  return {0, holder}",
             ),
             complete_replay: Script::new(
                 r"local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
@@ -564,9 +611,11 @@ impl Store for RedisStore {
     }
 
     fn listen(&self, listener: Listener) {
-        if self.inner.listener.set(listener).is_err() {
-            tracing::warn!("a RedisStore serves one layer; a second listener was ignored");
-        }
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener);
     }
 }
 
@@ -624,8 +673,15 @@ async fn subscribe_loop(store: Weak<Inner>) {
                     Some(("group", hex)) => parse_fingerprint(hex).map(Invalidation::Group),
                     _ => None,
                 };
-                if let (Some(invalidation), Some(listener)) = (invalidation, inner.listener.get()) {
-                    listener(&invalidation);
+                if let Some(invalidation) = invalidation {
+                    let listeners = inner
+                        .listeners
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    for listener in listeners {
+                        listener(&invalidation);
+                    }
                 }
             }
         }
