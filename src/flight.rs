@@ -266,9 +266,11 @@ impl Table {
                 },
             },
         );
-        drop(shard);
+        // Counted before the lock is released: the flight's task can only finish (and
+        // decrement both) once it gets this shard's lock.
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.len.fetch_add(1, Ordering::SeqCst);
+        drop(shard);
         self.ensure_sweeper();
         let waiter = Waiter {
             id,
