@@ -109,7 +109,8 @@ pub struct Run {
 /// `refresh_coalesce_requests_total{outcome=...}` during one storm.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LayerCounts {
-    /// Requests that called the refresh handler (one per rotation).
+    /// Requests that started a flight (one per rotation in one process; with Redis, each
+    /// instance counts its own flight, and only the elected one calls the handler).
     pub leader: u64,
     /// Requests that joined a refresh in flight.
     pub joined: u64,

@@ -701,7 +701,8 @@ impl Remote {
     }
 
     /// Step 3 of a leader: stores its result (returning another leader's if one was stored
-    /// first) and releases the lock.
+    /// first), then releases the lock in the background: the leader's own callers need the
+    /// stored result, not the release, and followers were woken by the completion.
     pub(crate) async fn finish(
         &self,
         key: &Fingerprint,
@@ -715,8 +716,13 @@ impl Remote {
             let completed = self.store.complete(key, fence, seal, value, keep).await;
             winner = self.record(completed, counters).flatten();
         }
-        let released = self.store.release(key, fence).await;
-        self.record(released, counters);
+        let (store, key, fence) = (self.store.clone(), *key, fence.clone());
+        tokio::spawn(async move {
+            if let Err(error) = store.release(&key, &fence).await {
+                // The lease ends it anyway; a retry then elects a new leader.
+                tracing::debug!(%error, "the election lock was not released");
+            }
+        });
         winner
     }
 }

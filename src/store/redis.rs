@@ -459,29 +459,36 @@ impl Store for RedisStore {
                 Keep::Replay { ttl, group } => {
                     let sealed = inner.sealer.seal(key, seal, KIND_REPLAY, &value);
                     let message = format!("{} replay", fence.as_str());
-                    let existing: Option<(Vec<u8>, i64)> = inner
-                        .run(
-                            inner
-                                .scripts
-                                .complete_replay
-                                .key(inner.names.key(key, "res"))
-                                .arg(sealed)
-                                .arg(ttl.as_millis().max(1) as u64)
-                                .arg(&channel)
-                                .arg(message)
-                                .invoke_async(&mut connection),
-                        )
-                        .await?;
-                    if let Some(group) = group {
-                        // Another slot than the result: a separate command, not in the script.
+                    let mut script_connection = connection.clone();
+                    let mut invocation = inner
+                        .scripts
+                        .complete_replay
+                        .key(inner.names.key(key, "res"));
+                    invocation
+                        .arg(sealed)
+                        .arg(ttl.as_millis().max(1) as u64)
+                        .arg(&channel)
+                        .arg(message);
+                    let store = inner.run(
+                        invocation.invoke_async::<Option<(Vec<u8>, i64)>>(&mut script_connection),
+                    );
+                    // The group's member set lives in another slot than the result, so it is
+                    // a separate command, not part of the script; it is sent alongside, on the
+                    // same multiplexed connection, and costs no extra round trip.
+                    let remember = async {
+                        let Some(group) = group else {
+                            return Ok(());
+                        };
                         let members = inner.names.key(&group, "members");
-                        let ttl_ms = ttl.as_millis().max(1) as i64;
                         let mut pipe = redis::pipe();
                         pipe.sadd(&members, key.to_hex()).ignore();
-                        pipe.pexpire(&members, ttl_ms).ignore();
-                        inner.run(pipe.query_async::<()>(&mut connection)).await?;
-                    }
-                    Ok(existing
+                        pipe.pexpire(&members, ttl.as_millis().max(1) as i64)
+                            .ignore();
+                        inner.run(pipe.query_async::<()>(&mut connection)).await
+                    };
+                    let (existing, remembered) = futures_util::future::join(store, remember).await;
+                    remembered?;
+                    Ok(existing?
                         .and_then(|(value, ttl)| inner.open(key, seal, KIND_REPLAY, &value, ttl)))
                 }
                 Keep::Flight { ttl } => {

@@ -67,6 +67,11 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
 impl Collector for StatsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = self.0.stats();
@@ -90,6 +95,23 @@ impl Collector for StatsCollector {
             None,
             reuse.metric_type(),
         )?)?;
+        let store = ConstCounter::new(0u64);
+        let mut store_family = encoder.encode_descriptor(
+            "refresh_coalesce_store",
+            "What flights did with the coordination store (with --redis)",
+            None,
+            store.metric_type(),
+        )?;
+        for (event, value) in [
+            ("won", stats.store_won),
+            ("lost", stats.store_lost),
+            ("replayed", stats.store_replayed),
+            ("errors", stats.store_errors),
+            ("breaker_opened", stats.breaker_opened),
+        ] {
+            let labels = EventLabel { event };
+            ConstCounter::new(value).encode(store_family.encode_family(&labels)?)?;
+        }
         for (name, help, value) in [
             (
                 "refresh_coalesce_in_flight",
@@ -100,6 +122,11 @@ impl Collector for StatsCollector {
                 "refresh_coalesce_entries",
                 "Live flights and replays in the coalescing table",
                 stats.entries,
+            ),
+            (
+                "refresh_coalesce_breaker_open",
+                "1 while the coordination store is skipped after repeated failures",
+                stats.breaker_open,
             ),
         ] {
             let gauge = ConstGauge::new(value as i64);
