@@ -256,6 +256,7 @@ mod layer;
 mod metrics;
 mod service;
 mod share;
+mod sync;
 
 pub use crate::{
     error::BoxError,
