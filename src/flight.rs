@@ -26,6 +26,7 @@ use std::{
     any::Any,
     collections::HashMap,
     future::Future,
+    hash::{BuildHasher, Hasher},
     pin::Pin,
     // The table itself and its values stay in std's `Arc`: other modules hold the table,
     // and a value is a `dyn Any`. Waiter counts are in `sync::Arc`, modelled under loom.
@@ -67,27 +68,104 @@ pub(crate) struct Limits {
 
 /// One cache line per shard, so that two cores working on two shards do not contend.
 #[repr(align(64))]
-struct Shard(Mutex<HashMap<Fingerprint, Entry>>);
+struct Shard {
+    map: Mutex<HashMap<Fingerprint, Entry, KeyedFold>>,
+    /// Replays answered by [`Table::find_answer`], counted in the cache line the lock
+    /// already brought in.
+    replayed: AtomicU64,
+}
+
+/// Hashes fingerprints (which feed the hasher one `u64`) with a folded multiply under a
+/// per-table random key: one multiplication instead of SipHash, and still unpredictable to
+/// a client that chooses tokens to collide (unkeyed `Fingerprint::of` digests).
+#[derive(Clone, Copy)]
+struct KeyedFold {
+    k0: u64,
+    k1: u64,
+}
+
+impl KeyedFold {
+    fn random() -> Self {
+        let bytes = crate::key::random_bytes::<16>();
+        let (a, b) = bytes.split_at(8);
+        Self {
+            k0: u64::from_le_bytes(a.try_into().expect("8 bytes")),
+            k1: u64::from_le_bytes(b.try_into().expect("8 bytes")) | 1,
+        }
+    }
+}
+
+impl BuildHasher for KeyedFold {
+    type Hasher = FoldHasher;
+
+    fn build_hasher(&self) -> FoldHasher {
+        FoldHasher {
+            keys: *self,
+            state: 0,
+        }
+    }
+}
+
+struct FoldHasher {
+    keys: KeyedFold,
+    state: u64,
+}
+
+impl Hasher for FoldHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        let product = u128::from(value ^ self.state ^ self.keys.k0) * u128::from(self.keys.k1);
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.state
+    }
+}
 
 type GroupIndex = Mutex<HashMap<Fingerprint, Vec<(Fingerprint, u64)>>>;
 
 struct Entry {
     id: u64,
+    state: State,
+    /// What only the HTTP front sets, out of line so that a table slot stays small.
+    cold: Option<Box<Cold>>,
+}
+
+struct Cold {
     group: Option<Fingerprint>,
     not_after: Option<SystemTime>,
-    state: State,
+}
+
+impl Entry {
+    fn group(&self) -> Option<Fingerprint> {
+        self.cold.as_ref().and_then(|cold| cold.group)
+    }
+
+    fn not_after(&self) -> Option<SystemTime> {
+        self.cold.as_ref().and_then(|cold| cold.not_after)
+    }
 }
 
 enum State {
-    Flight {
-        future: FlightFuture,
-        waiters: sync::Arc<AtomicUsize>,
-    },
+    /// Boxed: a flight lasts one inner call, a replay the whole TTL.
+    Flight(Box<Running>),
     Replay {
         value: Value,
-        expires: Instant,
+        /// Nanoseconds since the table's epoch.
+        expires: u64,
         replays: u32,
     },
+}
+
+struct Running {
+    future: FlightFuture,
+    waiters: sync::Arc<AtomicUsize>,
 }
 
 /// What a request finds for its key.
@@ -98,6 +176,14 @@ pub(crate) enum Found {
     Join(Waiter),
     /// Nothing: verify the request, then [`Table::lead`].
     Vacant,
+}
+
+/// The result of [`Table::find_answer`].
+pub(crate) enum Lookup<T> {
+    /// A live replay, already answered.
+    Answered(T),
+    /// Anything else.
+    Found(Found),
 }
 
 /// A caller's place in a flight. Dropping it frees the place.
@@ -125,6 +211,7 @@ pub(crate) enum Lead {
 
 /// The coalescing table, shared by the layer, its services and its handles.
 pub(crate) struct Table {
+    epoch: Instant,
     shards: Box<[Shard]>,
     groups: Box<[GroupIndex]>,
     len: AtomicUsize,
@@ -137,9 +224,14 @@ pub(crate) struct Table {
 
 impl Table {
     pub(crate) fn new(limits: Limits) -> Self {
+        let hash = KeyedFold::random();
         Self {
+            epoch: Instant::now(),
             shards: (0..SHARDS)
-                .map(|_| Shard(Mutex::new(HashMap::new())))
+                .map(|_| Shard {
+                    map: Mutex::new(HashMap::with_hasher(hash)),
+                    replayed: AtomicU64::new(0),
+                })
                 .collect(),
             groups: (0..GROUP_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
@@ -153,9 +245,9 @@ impl Table {
         }
     }
 
-    fn shard(&self, key: &Fingerprint) -> MutexGuard<'_, HashMap<Fingerprint, Entry>> {
+    fn shard(&self, key: &Fingerprint) -> MutexGuard<'_, HashMap<Fingerprint, Entry, KeyedFold>> {
         let index = usize::from(key.as_bytes()[31]) % SHARDS;
-        lock(&self.shards[index].0)
+        lock(&self.shards[index].map)
     }
 
     fn group_index(
@@ -166,15 +258,53 @@ impl Table {
         lock(&self.groups[index])
     }
 
-    /// Looks `key` up. An expired replay is removed and reported vacant.
+    fn nanos(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.epoch);
+        since
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(since.subsec_nanos()))
+    }
+
+    /// Looks `key` up, cloning a live replay's value.
+    #[cfg(all(test, refresh_coalesce_loom))]
     pub(crate) fn find(&self, key: &Fingerprint) -> Result<Found, BoxError> {
-        let mut shard = self.shard(key);
-        self.find_locked(&mut shard, key, Instant::now())
+        Ok(match self.find_answer(key, Value::clone)? {
+            Lookup::Answered(value) => Found::Replay(value),
+            Lookup::Found(found) => found,
+        })
+    }
+
+    /// Looks `key` up; a live replay (without a replay limit) is answered with `answer`
+    /// under the shard lock, so the value is neither cloned nor written to.
+    pub(crate) fn find_answer<T>(
+        &self,
+        key: &Fingerprint,
+        answer: impl FnOnce(&Value) -> T,
+    ) -> Result<Lookup<T>, BoxError> {
+        let now = Instant::now();
+        let shard = &self.shards[usize::from(key.as_bytes()[31]) % SHARDS];
+        let mut map = lock(&shard.map);
+        if self.limits.max_replays.is_none()
+            && let Some(entry) = map.get(key)
+            && let State::Replay { value, expires, .. } = &entry.state
+            && *expires > self.nanos(now)
+        {
+            if entry.not_after().is_some_and(|t| t <= SystemTime::now()) {
+                return Err(Rejected::new(Rejection::Expired).into());
+            }
+            shard.replayed.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!("refresh_coalesce_requests_total", "outcome" => "replayed")
+                .increment(1);
+            return Ok(Lookup::Answered(answer(value)));
+        }
+        self.find_locked(&mut map, key, now).map(Lookup::Found)
     }
 
     fn find_locked(
         &self,
-        shard: &mut HashMap<Fingerprint, Entry>,
+        shard: &mut HashMap<Fingerprint, Entry, KeyedFold>,
         key: &Fingerprint,
         now: Instant,
     ) -> Result<Found, BoxError> {
@@ -189,14 +319,15 @@ impl Table {
                 replays,
             } => {
                 let spent = self.limits.max_replays.is_some_and(|max| *replays >= max);
-                if *expires <= now || spent {
+                if *expires <= self.nanos(now) || spent {
                     None
                 } else {
                     *replays += 1;
                     Some(Found::Replay(value.clone()))
                 }
             }
-            State::Flight { future, waiters } => {
+            State::Flight(running) => {
+                let Running { future, waiters } = &**running;
                 if waiters.load(Ordering::Relaxed) >= self.limits.max_waiters {
                     return Err(Overloaded::new(Limit::Waiters).into());
                 }
@@ -216,7 +347,7 @@ impl Table {
             Some(found) => {
                 // The entry matched the exact key, so the bytes were verified when it was
                 // created; only the token's own expiry can have changed since.
-                if entry.not_after.is_some_and(|t| t <= SystemTime::now()) {
+                if entry.not_after().is_some_and(|t| t <= SystemTime::now()) {
                     return Err(Rejected::new(Rejection::Expired).into());
                 }
                 Ok(found)
@@ -267,12 +398,16 @@ impl Table {
             key,
             Entry {
                 id,
-                group,
-                not_after: admission.expires(),
-                state: State::Flight {
+                state: State::Flight(Box::new(Running {
                     future: future.clone(),
                     waiters: waiters.clone(),
-                },
+                })),
+                cold: (group.is_some() || admission.expires().is_some()).then(|| {
+                    Box::new(Cold {
+                        group,
+                        not_after: admission.expires(),
+                    })
+                }),
             },
         );
         // Counted before the lock is released: the flight's task can only finish (and
@@ -312,7 +447,7 @@ impl Table {
             Some((value, ttl)) if !ttl.is_zero() => {
                 entry.state = State::Replay {
                     value,
-                    expires: Instant::now() + ttl,
+                    expires: self.nanos(Instant::now() + ttl),
                     replays: 0,
                 }
             }
@@ -349,13 +484,18 @@ impl Table {
     }
 
     /// Removes entry `id` of `key`, which the caller checked is present.
-    fn remove_locked(&self, shard: &mut HashMap<Fingerprint, Entry>, key: &Fingerprint, id: u64) {
+    fn remove_locked(
+        &self,
+        shard: &mut HashMap<Fingerprint, Entry, KeyedFold>,
+        key: &Fingerprint,
+        id: u64,
+    ) {
         let Some(entry) = shard.remove(key) else {
             return;
         };
         debug_assert_eq!(entry.id, id);
         self.len.fetch_sub(1, Ordering::SeqCst);
-        if let Some(group) = entry.group {
+        if let Some(group) = entry.group() {
             let mut index = self.group_index(&group);
             if let Some(members) = index.get_mut(&group) {
                 members.retain(|member| *member != (*key, id));
@@ -366,10 +506,10 @@ impl Table {
         }
     }
 
-    fn sweep_locked(&self, shard: &mut HashMap<Fingerprint, Entry>, now: Instant) {
+    fn sweep_locked(&self, shard: &mut HashMap<Fingerprint, Entry, KeyedFold>, now: Instant) {
         let expired: Vec<(Fingerprint, u64)> = shard
             .iter()
-            .filter(|(_, e)| matches!(e.state, State::Replay { expires, .. } if expires <= now))
+            .filter(|(_, e)| matches!(e.state, State::Replay { expires, .. } if expires <= self.nanos(now)))
             .map(|(k, e)| (*k, e.id))
             .collect();
         for (key, id) in expired {
@@ -380,7 +520,7 @@ impl Table {
     /// Removes every expired replay.
     pub(crate) fn sweep(&self, now: Instant) {
         for shard in self.shards.iter() {
-            self.sweep_locked(&mut lock(&shard.0), now);
+            self.sweep_locked(&mut lock(&shard.map), now);
         }
     }
 
@@ -395,11 +535,11 @@ impl Table {
     pub(crate) fn check_consistency(&self) {
         let (mut entries, mut flights, mut grouped) = (0, 0, Vec::new());
         for shard in self.shards.iter() {
-            let shard = lock(&shard.0);
+            let shard = lock(&shard.map);
             entries += shard.len();
             for (key, entry) in shard.iter() {
-                flights += usize::from(matches!(entry.state, State::Flight { .. }));
-                if let Some(group) = entry.group {
+                flights += usize::from(matches!(entry.state, State::Flight(_)));
+                if let Some(group) = entry.group() {
                     grouped.push((group, *key, entry.id));
                 }
             }
@@ -426,11 +566,17 @@ impl Table {
     }
 
     pub(crate) fn stats(&self, breaker_open: bool) -> Stats {
-        self.counters.snapshot(
+        let mut stats = self.counters.snapshot(
             self.in_flight.load(Ordering::Relaxed) as u64,
             self.len() as u64,
             breaker_open,
-        )
+        );
+        stats.replayed += self
+            .shards
+            .iter()
+            .map(|shard| shard.replayed.load(Ordering::Relaxed))
+            .sum::<u64>();
+        stats
     }
 
     pub(crate) fn ttl(&self) -> Duration {

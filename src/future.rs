@@ -19,7 +19,9 @@ use tracing::Instrument;
 
 use crate::{
     error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded},
-    flight::{FlightFuture, FlightGuard, FlightResult, Found, Lead, Value, Waiter, join_result},
+    flight::{
+        FlightFuture, FlightGuard, FlightResult, Found, Lead, Lookup, Value, Waiter, join_result,
+    },
     key::{Extract, Extracted, Fingerprint},
     layer::Core,
     metrics::{Outcome, StoreCounters},
@@ -66,9 +68,11 @@ pin_project! {
 }
 
 /// What a request does once its key is known.
-enum Step<T> {
+enum Step<T, A> {
     Wait(Waiter, Served),
     Answer(Value, Served),
+    /// A replay answered under the shard lock.
+    Answered(A),
     Refuse(BoxError, Outcome),
     Pass(T),
 }
@@ -133,6 +137,10 @@ where
                                 future: inner.call(request),
                             });
                         }
+                        Step::Answered(result) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(result);
+                        }
                         Step::Answer(value, served) => {
                             this.state.set(State::Done);
                             return Poll::Ready(answer::<S::Response, S::Error, X, P>(
@@ -196,7 +204,7 @@ fn begin<Req, S, X, P>(
     key: Fingerprint,
     token: X::Token,
     request: X::Request,
-) -> Step<X::Request>
+) -> Step<X::Request, Result<P::Response, P::Error>>
 where
     X: Extract<Req> + Send + Sync + 'static,
     S: Service<X::Request> + Send + 'static,
@@ -205,8 +213,11 @@ where
     S::Error: Send + 'static,
     P: Share<S::Response, S::Error>,
 {
-    let found = match core.table.find(&key) {
-        Ok(Found::Vacant) => {
+    let replayed =
+        |value: &Value| answer::<S::Response, S::Error, X, P>(core, value, Served::Replayed);
+    let found = match core.table.find_answer(&key, replayed) {
+        Ok(Lookup::Answered(result)) => return Step::Answered(result),
+        Ok(Lookup::Found(Found::Vacant)) => {
             let admission = match core.extract.admit(token) {
                 Ok(admission) => admission,
                 Err(error) => return Step::Refuse(error, Outcome::Rejected),
@@ -237,7 +248,8 @@ where
                 Err(error) => Err(error),
             }
         }
-        other => other,
+        Ok(Lookup::Found(other)) => Ok(other),
+        Err(error) => Err(error),
     };
     match found {
         Ok(Found::Replay(value)) => {
