@@ -69,7 +69,7 @@ pub(crate) struct Limits {
 /// One cache line per shard, so that two cores working on two shards do not contend.
 #[repr(align(64))]
 struct Shard {
-    map: Mutex<HashMap<Fingerprint, Entry, KeyedFold>>,
+    map: Mutex<HashMap<Slot, Entry, KeyedFold>>,
     /// Replays answered by [`Table::find_answer`], counted in the cache line the lock
     /// already brought in.
     replayed: AtomicU64,
@@ -128,7 +128,35 @@ impl Hasher for FoldHasher {
     }
 }
 
-type GroupIndex = Mutex<HashMap<Fingerprint, Vec<(Fingerprint, u64)>>>;
+/// The key of a table slot: the first 16 bytes of the fingerprint.
+///
+/// 128 bits of a keyed hash (or of SHA-256) keep the table's keys apart as well as the whole
+/// digest would (a second key with the same half is a 2^-128 chance, and a keyed hash gives
+/// no way to aim for one), and save 16 bytes in every slot.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct Slot(u128);
+
+impl Slot {
+    fn of(key: &Fingerprint) -> Self {
+        let mut half = [0u8; 16];
+        half.copy_from_slice(&key.as_bytes()[..16]);
+        Self(u128::from_le_bytes(half))
+    }
+
+    /// The shard of this slot: its last byte, independent of the bits the hash uses.
+    fn shard(self) -> usize {
+        (self.0 >> 120) as usize % SHARDS
+    }
+}
+
+impl std::hash::Hash for Slot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Digest bytes are uniformly distributed: 64 of them are hash enough.
+        state.write_u64(self.0 as u64);
+    }
+}
+
+type GroupIndex = Mutex<HashMap<Fingerprint, Vec<(Slot, u64)>>>;
 
 struct Entry {
     id: u64,
@@ -245,15 +273,14 @@ impl Table {
         }
     }
 
-    fn shard(&self, key: &Fingerprint) -> MutexGuard<'_, HashMap<Fingerprint, Entry, KeyedFold>> {
-        let index = usize::from(key.as_bytes()[31]) % SHARDS;
-        lock(&self.shards[index].map)
+    fn shard(&self, key: Slot) -> MutexGuard<'_, HashMap<Slot, Entry, KeyedFold>> {
+        lock(&self.shards[key.shard()].map)
     }
 
     fn group_index(
         &self,
         group: &Fingerprint,
-    ) -> MutexGuard<'_, HashMap<Fingerprint, Vec<(Fingerprint, u64)>>> {
+    ) -> MutexGuard<'_, HashMap<Fingerprint, Vec<(Slot, u64)>>> {
         let index = usize::from(group.as_bytes()[31]) % GROUP_SHARDS;
         lock(&self.groups[index])
     }
@@ -283,10 +310,11 @@ impl Table {
         answer: impl FnOnce(&Value) -> T,
     ) -> Result<Lookup<T>, BoxError> {
         let now = Instant::now();
-        let shard = &self.shards[usize::from(key.as_bytes()[31]) % SHARDS];
+        let key = Slot::of(key);
+        let shard = &self.shards[key.shard()];
         let mut map = lock(&shard.map);
         if self.limits.max_replays.is_none()
-            && let Some(entry) = map.get(key)
+            && let Some(entry) = map.get(&key)
             && let State::Replay { value, expires, .. } = &entry.state
             && *expires > self.nanos(now)
         {
@@ -304,11 +332,11 @@ impl Table {
 
     fn find_locked(
         &self,
-        shard: &mut HashMap<Fingerprint, Entry, KeyedFold>,
-        key: &Fingerprint,
+        shard: &mut HashMap<Slot, Entry, KeyedFold>,
+        key: Slot,
         now: Instant,
     ) -> Result<Found, BoxError> {
-        let Some(entry) = shard.get_mut(key) else {
+        let Some(entry) = shard.get_mut(&key) else {
             return Ok(Found::Vacant);
         };
         let id = entry.id;
@@ -367,8 +395,9 @@ impl Table {
         start: impl FnOnce(u64) -> FlightFuture,
     ) -> Result<(Lead, bool), BoxError> {
         let now = Instant::now();
-        let mut shard = self.shard(&key);
-        match self.find_locked(&mut shard, &key, now)? {
+        let key = Slot::of(&key);
+        let mut shard = self.shard(key);
+        match self.find_locked(&mut shard, key, now)? {
             Found::Vacant => {}
             found => return Ok((Lead::Found(found), false)),
         }
@@ -435,11 +464,12 @@ impl Table {
 
     /// Ends flight `id` of `key`: keeps `replay` for its TTL, or removes the entry.
     fn finish(&self, key: &Fingerprint, id: u64, replay: Option<(Value, Duration)>) {
+        let key = Slot::of(key);
         let mut shard = self.shard(key);
         // Under the lock, as the increment in `lead`: the task may run before `lead` returns,
         // and decrementing first would show `usize::MAX` flights until the increment.
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let Some(entry) = shard.get_mut(key).filter(|e| e.id == id) else {
+        let Some(entry) = shard.get_mut(&key).filter(|e| e.id == id) else {
             // Invalidated while running: the result reaches this flight's callers only.
             return;
         };
@@ -458,8 +488,9 @@ impl Table {
     /// Removes the entry of `key` whatever it holds. A running flight goes on, and its
     /// result reaches its current callers, but it will not be replayed.
     pub(crate) fn invalidate(&self, key: &Fingerprint) -> bool {
+        let key = Slot::of(key);
         let mut shard = self.shard(key);
-        match shard.get(key).map(|e| e.id) {
+        match shard.get(&key).map(|e| e.id) {
             Some(id) => {
                 self.remove_locked(&mut shard, key, id);
                 true
@@ -474,9 +505,9 @@ impl Table {
         let members = self.group_index(group).remove(group).unwrap_or_default();
         let mut removed = 0;
         for (key, id) in members {
-            let mut shard = self.shard(&key);
+            let mut shard = self.shard(key);
             if shard.get(&key).is_some_and(|e| e.id == id) {
-                self.remove_locked(&mut shard, &key, id);
+                self.remove_locked(&mut shard, key, id);
                 removed += 1;
             }
         }
@@ -484,13 +515,8 @@ impl Table {
     }
 
     /// Removes entry `id` of `key`, which the caller checked is present.
-    fn remove_locked(
-        &self,
-        shard: &mut HashMap<Fingerprint, Entry, KeyedFold>,
-        key: &Fingerprint,
-        id: u64,
-    ) {
-        let Some(entry) = shard.remove(key) else {
+    fn remove_locked(&self, shard: &mut HashMap<Slot, Entry, KeyedFold>, key: Slot, id: u64) {
+        let Some(entry) = shard.remove(&key) else {
             return;
         };
         debug_assert_eq!(entry.id, id);
@@ -498,7 +524,7 @@ impl Table {
         if let Some(group) = entry.group() {
             let mut index = self.group_index(&group);
             if let Some(members) = index.get_mut(&group) {
-                members.retain(|member| *member != (*key, id));
+                members.retain(|member| *member != (key, id));
                 if members.is_empty() {
                     index.remove(&group);
                 }
@@ -506,14 +532,14 @@ impl Table {
         }
     }
 
-    fn sweep_locked(&self, shard: &mut HashMap<Fingerprint, Entry, KeyedFold>, now: Instant) {
-        let expired: Vec<(Fingerprint, u64)> = shard
+    fn sweep_locked(&self, shard: &mut HashMap<Slot, Entry, KeyedFold>, now: Instant) {
+        let expired: Vec<(Slot, u64)> = shard
             .iter()
             .filter(|(_, e)| matches!(e.state, State::Replay { expires, .. } if expires <= self.nanos(now)))
             .map(|(k, e)| (*k, e.id))
             .collect();
         for (key, id) in expired {
-            self.remove_locked(shard, &key, id);
+            self.remove_locked(shard, key, id);
         }
     }
 
@@ -737,8 +763,9 @@ mod loom_tests {
 
     /// Key `n` in shard `shard` (the last byte picks the shard).
     fn key(n: u8, shard: u8) -> Fingerprint {
+        // Byte 15 is the last byte of the slot key, which picks the shard.
         let mut bytes = [n; 32];
-        bytes[31] = shard;
+        bytes[15] = shard;
         Fingerprint::from_bytes(bytes)
     }
 
