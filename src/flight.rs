@@ -31,7 +31,7 @@ use std::{
     // The table itself and its values stay in std's `Arc`: other modules hold the table,
     // and a value is a `dyn Any`. Waiter counts are in `sync::Arc`, modelled under loom.
     sync::{Arc, Weak},
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use futures_util::future::Shared;
@@ -56,6 +56,8 @@ pub(crate) type FlightFuture = Shared<Pin<Box<dyn Future<Output = FlightResult> 
 
 const SHARDS: usize = 64;
 const GROUP_SHARDS: usize = 16;
+/// The least time between two sweeps of every shard by refused leaders.
+const FULL_SWEEP_GAP: Duration = Duration::from_millis(10);
 
 /// The table's limits.
 #[derive(Debug, Clone)]
@@ -86,6 +88,10 @@ struct KeyedFold {
 
 impl KeyedFold {
     fn random() -> Self {
+        // A model check must be deterministic: the same keys, so the same iteration orders.
+        #[cfg(all(test, refresh_coalesce_loom))]
+        let bytes = [7u8; 16];
+        #[cfg(not(all(test, refresh_coalesce_loom)))]
         let bytes = crate::key::random_bytes::<16>();
         let (a, b) = bytes.split_at(8);
         Self {
@@ -156,7 +162,10 @@ impl std::hash::Hash for Slot {
     }
 }
 
-type GroupIndex = Mutex<HashMap<Fingerprint, Vec<(Slot, u64)>>>;
+/// How many entries each group has, by the group's first 64 bits (a keyed hash: collisions
+/// are as unlikely as they are harmless, since they only blur the reuse count). Entries keep
+/// their whole group, which `invalidate_group` matches exactly.
+type GroupCounts = Mutex<HashMap<u64, u32, KeyedFold>>;
 
 struct Entry {
     id: u64,
@@ -167,7 +176,19 @@ struct Entry {
 
 struct Cold {
     group: Option<Fingerprint>,
-    not_after: Option<SystemTime>,
+    /// Whole seconds since the Unix epoch, rounded down (refusing up to a second early,
+    /// never late); 0 for none.
+    not_after: u64,
+}
+
+impl Cold {
+    fn new(group: Option<Fingerprint>, not_after: Option<SystemTime>) -> Option<Box<Self>> {
+        let not_after = not_after.map_or(0, |at| {
+            let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+            since.as_secs().max(1)
+        });
+        (group.is_some() || not_after != 0).then(|| Box::new(Self { group, not_after }))
+    }
 }
 
 impl Entry {
@@ -176,7 +197,8 @@ impl Entry {
     }
 
     fn not_after(&self) -> Option<SystemTime> {
-        self.cold.as_ref().and_then(|cold| cold.not_after)
+        let secs = self.cold.as_ref().map_or(0, |cold| cold.not_after);
+        (secs != 0).then(|| UNIX_EPOCH + Duration::from_secs(secs))
     }
 }
 
@@ -241,9 +263,11 @@ pub(crate) enum Lead {
 pub(crate) struct Table {
     epoch: Instant,
     shards: Box<[Shard]>,
-    groups: Box<[GroupIndex]>,
+    groups: Box<[GroupCounts]>,
     len: AtomicUsize,
     in_flight: AtomicUsize,
+    /// When a refused leader last swept every shard, in nanoseconds since `epoch`.
+    last_full_sweep: AtomicU64,
     next_id: AtomicU64,
     sweeping: AtomicBool,
     limits: Limits,
@@ -262,10 +286,11 @@ impl Table {
                 })
                 .collect(),
             groups: (0..GROUP_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(HashMap::with_hasher(hash)))
                 .collect(),
             len: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            last_full_sweep: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             sweeping: AtomicBool::new(false),
             limits,
@@ -277,12 +302,15 @@ impl Table {
         lock(&self.shards[key.shard()].map)
     }
 
-    fn group_index(
+    /// The entry count of `group`, locked.
+    fn group_counts(
         &self,
         group: &Fingerprint,
-    ) -> MutexGuard<'_, HashMap<Fingerprint, Vec<(Slot, u64)>>> {
-        let index = usize::from(group.as_bytes()[31]) % GROUP_SHARDS;
-        lock(&self.groups[index])
+    ) -> (MutexGuard<'_, HashMap<u64, u32, KeyedFold>>, u64) {
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&group.as_bytes()[..8]);
+        let tag = u64::from_le_bytes(head);
+        (lock(&self.groups[(tag >> 56) as usize % GROUP_SHARDS]), tag)
     }
 
     fn nanos(&self, at: Instant) -> u64 {
@@ -369,7 +397,7 @@ impl Table {
         };
         match found {
             None => {
-                self.remove_locked(shard, key, id);
+                let _ = self.remove_locked(shard, key, id);
                 Ok(Found::Vacant)
             }
             Some(found) => {
@@ -405,9 +433,26 @@ impl Table {
         // other shards check the limit at the same time, and a load followed by an increment
         // would let all of them pass it.
         if !self.reserve() {
-            self.sweep_locked(&mut shard, now);
+            drop(self.sweep_locked(&mut shard, now));
             if !self.reserve() {
-                return Err(Overloaded::new(Limit::Entries).into());
+                // Expired replays the sweeper has not reached may hold the places, in any
+                // shard: sweep them all, unlocked (shard locks are never nested), at most
+                // once per `FULL_SWEEP_GAP`, so that a flood at the limit stays cheap.
+                if !self.claim_full_sweep(now) {
+                    return Err(Overloaded::new(Limit::Entries).into());
+                }
+                drop(shard);
+                for index in 0..SHARDS {
+                    self.sweep_shard(index, now);
+                }
+                shard = self.shard(key);
+                match self.find_locked(&mut shard, key, now)? {
+                    Found::Vacant => {}
+                    found => return Ok((Lead::Found(found), false)),
+                }
+                if !self.reserve() {
+                    return Err(Overloaded::new(Limit::Entries).into());
+                }
             }
         }
         // Given back if `start` panics (spawning does without a runtime).
@@ -418,10 +463,11 @@ impl Table {
         let group = admission.group_key().copied();
         let mut reuse = false;
         if let Some(group) = group {
-            let mut index = self.group_index(&group);
-            let members = index.entry(group).or_default();
-            reuse = members.iter().any(|(other, _)| *other != key);
-            members.push((key, id));
+            // The key was vacant, so any entry the group has is another token's.
+            let (mut counts, tag) = self.group_counts(&group);
+            let count = counts.entry(tag).or_insert(0);
+            reuse = *count > 0;
+            *count += 1;
         }
         shard.insert(
             key,
@@ -431,12 +477,7 @@ impl Table {
                     future: future.clone(),
                     waiters: waiters.clone(),
                 })),
-                cold: (group.is_some() || admission.expires().is_some()).then(|| {
-                    Box::new(Cold {
-                        group,
-                        not_after: admission.expires(),
-                    })
-                }),
+                cold: Cold::new(group, admission.expires()),
             },
         );
         // Counted before the lock is released: the flight's task can only finish (and
@@ -451,6 +492,17 @@ impl Table {
             _slot: WaiterSlot(waiters),
         };
         Ok((Lead::Started(waiter), reuse))
+    }
+
+    /// Whether this caller may sweep every shard now: at most once per `FULL_SWEEP_GAP`.
+    fn claim_full_sweep(&self, now: Instant) -> bool {
+        let now = self.nanos(now).max(1);
+        let last = self.last_full_sweep.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= FULL_SWEEP_GAP.as_nanos() as u64)
+            && self
+                .last_full_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Counts one more entry in `len` unless the table is full.
@@ -481,7 +533,11 @@ impl Table {
                     replays: 0,
                 }
             }
-            _ => self.remove_locked(&mut shard, key, id),
+            _ => {
+                let removed = self.remove_locked(&mut shard, key, id);
+                drop(shard);
+                drop(removed);
+            }
         }
     }
 
@@ -500,54 +556,79 @@ impl Table {
     }
 
     /// Removes every entry of `group`; returns how many.
+    ///
+    /// Visits the shards one at a time (logout is rare; the table is bounded), matching each
+    /// entry's whole group; a group with no entries costs one lookup.
     pub(crate) fn invalidate_group(&self, group: &Fingerprint) -> usize {
-        // Take the members under the group lock, then release it before touching shards.
-        let members = self.group_index(group).remove(group).unwrap_or_default();
-        let mut removed = 0;
-        for (key, id) in members {
-            let mut shard = self.shard(key);
-            if shard.get(&key).is_some_and(|e| e.id == id) {
-                self.remove_locked(&mut shard, key, id);
-                removed += 1;
+        {
+            let (counts, tag) = self.group_counts(group);
+            if !counts.contains_key(&tag) {
+                return 0;
             }
         }
-        removed
+        let mut removed = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = lock(&shard.map);
+            let members: Vec<(Slot, u64)> = shard
+                .iter()
+                .filter(|(_, entry)| entry.group().as_ref() == Some(group))
+                .map(|(key, entry)| (*key, entry.id))
+                .collect();
+            removed.extend(
+                members
+                    .into_iter()
+                    .filter_map(|(key, id)| self.remove_locked(&mut shard, key, id)),
+            );
+        }
+        // Dropped here, unlocked: a replay's value may be large.
+        removed.len()
     }
 
-    /// Removes entry `id` of `key`, which the caller checked is present.
-    fn remove_locked(&self, shard: &mut HashMap<Slot, Entry, KeyedFold>, key: Slot, id: u64) {
-        let Some(entry) = shard.remove(&key) else {
-            return;
-        };
+    /// Removes entry `id` of `key`, which the caller checked is present, and returns it, so
+    /// that the caller may drop it (and its value) after releasing the lock.
+    fn remove_locked(
+        &self,
+        shard: &mut HashMap<Slot, Entry, KeyedFold>,
+        key: Slot,
+        id: u64,
+    ) -> Option<Entry> {
+        let entry = shard.remove(&key)?;
         debug_assert_eq!(entry.id, id);
         self.len.fetch_sub(1, Ordering::SeqCst);
         if let Some(group) = entry.group() {
-            let mut index = self.group_index(&group);
-            if let Some(members) = index.get_mut(&group) {
-                members.retain(|member| *member != (key, id));
-                if members.is_empty() {
-                    index.remove(&group);
+            let (mut counts, tag) = self.group_counts(&group);
+            if let Some(count) = counts.get_mut(&tag) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&tag);
                 }
             }
         }
+        Some(entry)
     }
 
-    fn sweep_locked(&self, shard: &mut HashMap<Slot, Entry, KeyedFold>, now: Instant) {
+    /// Removes the expired replays of one shard; returns them, to be dropped unlocked.
+    fn sweep_locked(
+        &self,
+        shard: &mut HashMap<Slot, Entry, KeyedFold>,
+        now: Instant,
+    ) -> Vec<Entry> {
+        let now = self.nanos(now);
         let expired: Vec<(Slot, u64)> = shard
             .iter()
-            .filter(|(_, e)| matches!(e.state, State::Replay { expires, .. } if expires <= self.nanos(now)))
+            .filter(|(_, e)| matches!(e.state, State::Replay { expires, .. } if expires <= now))
             .map(|(k, e)| (*k, e.id))
             .collect();
-        for (key, id) in expired {
-            self.remove_locked(shard, key, id);
-        }
+        expired
+            .into_iter()
+            .filter_map(|(key, id)| self.remove_locked(shard, key, id))
+            .collect()
     }
 
-    /// Removes every expired replay.
-    pub(crate) fn sweep(&self, now: Instant) {
-        for shard in self.shards.iter() {
-            self.sweep_locked(&mut lock(&shard.map), now);
-        }
+    /// Removes the expired replays of shard `index`.
+    fn sweep_shard(&self, index: usize, now: Instant) {
+        let removed = self.sweep_locked(&mut lock(&self.shards[index].map), now);
+        drop(removed);
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -559,14 +640,15 @@ impl Table {
     /// entries.
     #[cfg(all(test, refresh_coalesce_loom))]
     pub(crate) fn check_consistency(&self) {
-        let (mut entries, mut flights, mut grouped) = (0, 0, Vec::new());
+        let (mut entries, mut flights) = (0, 0);
+        let mut grouped: HashMap<u64, u32> = HashMap::new();
         for shard in self.shards.iter() {
             let shard = lock(&shard.map);
             entries += shard.len();
-            for (key, entry) in shard.iter() {
+            for entry in shard.values() {
                 flights += usize::from(matches!(entry.state, State::Flight(_)));
                 if let Some(group) = entry.group() {
-                    grouped.push((group, *key, entry.id));
+                    *grouped.entry(self.group_counts(&group).1).or_default() += 1;
                 }
             }
         }
@@ -576,18 +658,16 @@ impl Table {
             in_flight >= flights,
             "{flights} flight entries, {in_flight} in flight"
         );
-        let mut indexed = Vec::new();
-        for index in self.groups.iter() {
-            for (group, members) in lock(index).iter() {
-                assert!(!members.is_empty(), "an empty member list is removed");
-                indexed.extend(members.iter().map(|(key, id)| (*group, *key, *id)));
+        let mut counted: HashMap<u64, u32> = HashMap::new();
+        for counts in self.groups.iter() {
+            for (tag, count) in lock(counts).iter() {
+                assert!(*count > 0, "a group without entries is removed");
+                counted.insert(*tag, *count);
             }
         }
-        grouped.sort();
-        indexed.sort();
         assert_eq!(
-            grouped, indexed,
-            "the group index holds exactly the grouped entries"
+            grouped, counted,
+            "the group counts count exactly the grouped entries"
         );
     }
 
@@ -635,7 +715,12 @@ async fn sweep_loop(table: Weak<Table>, period: Duration) {
         let Some(table) = table.upgrade() else {
             return;
         };
-        table.sweep(Instant::now());
+        // One shard at a time, yielding in between: a sweep of many expired entries never
+        // holds this worker thread for long.
+        for index in 0..SHARDS {
+            table.sweep_shard(index, Instant::now());
+            tokio::task::yield_now().await;
+        }
         if table.len() == 0 {
             table.sweeping.store(false, Ordering::SeqCst);
             // An insert between the sweep and the store saw the flag still set and started

@@ -18,7 +18,7 @@ use ::http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version,
     header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE},
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
@@ -607,23 +607,53 @@ fn default_replay_if(
     status.is_success() && grpc_ok
 }
 
+/// A response read to its end and kept compact, as it lives for the whole replay window:
+/// headers and trailers packed in one allocation each, the body at its exact size.
+struct Buffered {
+    status: StatusCode,
+    version: Version,
+    headers: wire::Packed,
+    body: Bytes,
+    /// Boxed: only gRPC responses have trailers.
+    trailers: Option<Box<wire::Packed>>,
+    /// What the replay predicate said when the response was buffered.
+    replayable: bool,
+}
+
+impl Buffered {
+    /// Headers and body share one allocation of exactly their size.
+    fn new(
+        status: StatusCode,
+        version: Version,
+        headers: &HeaderMap,
+        body: &[Bytes],
+        trailers: Option<&HeaderMap>,
+        replay_if: &ReplayIf,
+    ) -> Self {
+        let (packed, body) = wire::Packed::pack_with(headers, body);
+        Self {
+            status,
+            version,
+            headers: packed,
+            body,
+            trailers: trailers.map(|trailers| Box::new(wire::Packed::pack(trailers))),
+            replayable: replay_if(status, headers, trailers),
+        }
+    }
+}
+
 /// One inner response, stored once and shared by every caller of its flight. Opaque.
 pub struct SharedResponse<B, E> {
     kind: SharedKind<B, E>,
 }
 
 enum SharedKind<B, E> {
-    Buffered {
-        status: StatusCode,
-        version: Version,
-        headers: HeaderMap,
-        body: Bytes,
-        trailers: Option<HeaderMap>,
-    },
+    Buffered(Buffered),
     /// Too large to share: the first caller to ask takes it.
-    Streamed(Mutex<Option<Response<ResponseBody<B>>>>),
+    /// (Boxed, as the next variant: they are rare and large, and a replay lives long.)
+    Streamed(Box<Mutex<Option<Response<ResponseBody<B>>>>>),
     /// The inner service failed: the first caller to ask takes the error.
-    Failed(Mutex<Option<E>>),
+    Failed(Box<Mutex<Option<E>>>),
     /// The response body failed while it was buffered.
     BodyFailed,
 }
@@ -631,7 +661,9 @@ enum SharedKind<B, E> {
 impl<B, E> fmt::Debug for SharedResponse<B, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
-            SharedKind::Buffered { status, .. } => return write!(f, "SharedResponse({status})"),
+            SharedKind::Buffered(buffered) => {
+                return write!(f, "SharedResponse({})", buffered.status);
+            }
             SharedKind::Streamed(_) => "streamed",
             SharedKind::Failed(_) => "failed",
             SharedKind::BodyFailed => "body failed",
@@ -672,11 +704,12 @@ where
 
     fn share(&self, result: Result<Response<B>, E>) -> Self::Future {
         let max = self.max_response;
+        let replay_if = self.replay_if.clone();
         ShareFuture {
             inner: Box::pin(async move {
                 let kind = match result {
-                    Ok(response) => buffer(response, max).await,
-                    Err(error) => SharedKind::Failed(Mutex::new(Some(error))),
+                    Ok(response) => buffer(response, max, &replay_if).await,
+                    Err(error) => SharedKind::Failed(Box::new(Mutex::new(Some(error)))),
                 };
                 SharedResponse { kind }
             }),
@@ -684,31 +717,18 @@ where
     }
 
     fn is_replayable(&self, value: &Self::Value) -> bool {
-        match &value.kind {
-            SharedKind::Buffered {
-                status,
-                headers,
-                trailers,
-                ..
-            } => (self.replay_if)(*status, headers, trailers.as_ref()),
-            _ => false,
-        }
+        matches!(&value.kind, SharedKind::Buffered(buffered) if buffered.replayable)
     }
 
     fn respond(&self, value: &Self::Value, served: Served) -> Result<Self::Response, E> {
         let mut response = match &value.kind {
-            SharedKind::Buffered {
-                status,
-                version,
-                headers,
-                body,
-                trailers,
-            } => {
+            SharedKind::Buffered(buffered) => {
+                let trailers = buffered.trailers.as_ref().map(|trailers| trailers.unpack());
                 let mut response =
-                    Response::new(ResponseBody::full(body.clone(), trailers.clone()));
-                *response.status_mut() = *status;
-                *response.version_mut() = *version;
-                *response.headers_mut() = headers.clone();
+                    Response::new(ResponseBody::full(buffered.body.clone(), trailers));
+                *response.status_mut() = buffered.status;
+                *response.version_mut() = buffered.version;
+                *response.headers_mut() = buffered.headers.unpack();
                 response
             }
             SharedKind::Streamed(slot) => match take(slot) {
@@ -743,19 +763,7 @@ where
 
     fn encode(&self, value: &Self::Value) -> Option<Vec<u8>> {
         match &value.kind {
-            SharedKind::Buffered {
-                status,
-                version,
-                headers,
-                body,
-                trailers,
-            } => Some(wire::encode(
-                *status,
-                *version,
-                headers,
-                body,
-                trailers.as_ref(),
-            )),
+            SharedKind::Buffered(buffered) => Some(wire::encode(buffered)),
             // Too large, or an error of the inner service: nothing another instance can use.
             _ => None,
         }
@@ -763,14 +771,16 @@ where
 
     fn decode(&self, bytes: &[u8]) -> Option<Self::Value> {
         let (status, version, headers, body, trailers) = wire::decode(bytes)?;
+        let buffered = Buffered::new(
+            status,
+            version,
+            &headers,
+            &[body],
+            trailers.as_ref(),
+            &self.replay_if,
+        );
         Some(SharedResponse {
-            kind: SharedKind::Buffered {
-                status,
-                version,
-                headers,
-                body,
-                trailers,
-            },
+            kind: SharedKind::Buffered(buffered),
         })
     }
 }
@@ -818,23 +828,67 @@ mod wire {
         }
     }
 
-    pub(super) fn encode(
-        status: StatusCode,
-        version: Version,
-        headers: &HeaderMap,
-        body: &Bytes,
-        trailers: Option<&HeaderMap>,
-    ) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + body.len() + headers.len() * 48);
+    /// Headers packed in one allocation: their count, then each name and value
+    /// length-prefixed (the layout of [`encode`]'s header sections).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(super) struct Packed(Bytes);
+
+    impl Packed {
+        pub(super) fn pack(headers: &HeaderMap) -> Self {
+            Self::pack_with(headers, &[]).0
+        }
+
+        /// Packs `headers` and appends `tail` in the same allocation, of exactly their
+        /// size; returns the packed headers and the tail, which share it.
+        pub(super) fn pack_with(headers: &HeaderMap, tail: &[Bytes]) -> (Self, Bytes) {
+            let len = headers
+                .iter()
+                .map(|(name, value)| 8 + name.as_str().len() + value.len())
+                .sum::<usize>();
+            let tail_len = tail.iter().map(Bytes::len).sum::<usize>();
+            let mut out = Vec::with_capacity(4 + len + tail_len);
+            put_headers(&mut out, headers);
+            let split = out.len();
+            for chunk in tail {
+                out.extend_from_slice(chunk);
+            }
+            let all = Bytes::from(out);
+            (Self(all.slice(..split)), all.slice(split..))
+        }
+
+        /// The headers again. Values share the packed bytes; nothing is copied but names
+        /// outside the standard set.
+        pub(super) fn unpack(&self) -> HeaderMap {
+            self.try_unpack().unwrap_or_default()
+        }
+
+        fn try_unpack(&self) -> Option<HeaderMap> {
+            let mut reader = Reader(&self.0);
+            let count = reader.u32()?;
+            let mut headers = HeaderMap::with_capacity(count);
+            for _ in 0..count {
+                let name = HeaderName::from_bytes(reader.chunk()?).ok()?;
+                let value =
+                    HeaderValue::from_maybe_shared(self.0.slice_ref(reader.chunk()?)).ok()?;
+                headers.append(name, value);
+            }
+            Some(headers)
+        }
+    }
+
+    pub(super) fn encode(buffered: &super::Buffered) -> Vec<u8> {
+        let trailers = buffered.trailers.as_ref().map_or(0, |t| t.0.len());
+        let mut out =
+            Vec::with_capacity(16 + buffered.headers.0.len() + buffered.body.len() + trailers);
         out.push(FORMAT);
-        out.extend_from_slice(&status.as_u16().to_be_bytes());
-        out.push(version_code(version));
-        put_headers(&mut out, headers);
-        put(&mut out, body);
-        match trailers {
+        out.extend_from_slice(&buffered.status.as_u16().to_be_bytes());
+        out.push(version_code(buffered.version));
+        out.extend_from_slice(&buffered.headers.0);
+        put(&mut out, &buffered.body);
+        match &buffered.trailers {
             Some(trailers) => {
                 out.push(1);
-                put_headers(&mut out, trailers);
+                out.extend_from_slice(&trailers.0);
             }
             None => out.push(0),
         }
@@ -916,13 +970,23 @@ mod wire {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
             let body = Bytes::from_static(b"{\"refresh_token\":\"r2\"}");
-            let bytes = encode(
+            let replay_if: super::super::ReplayIf =
+                std::sync::Arc::new(super::super::default_replay_if);
+            let buffered = super::super::Buffered::new(
                 StatusCode::OK,
                 Version::HTTP_2,
                 &headers,
-                &body,
+                std::slice::from_ref(&body),
                 Some(&trailers),
+                &replay_if,
             );
+            assert!(buffered.replayable);
+            assert_eq!(
+                buffered.headers.unpack(),
+                headers,
+                "packed headers unpack as they were"
+            );
+            let bytes = encode(&buffered);
             let decoded = decode(&bytes).expect("decodes");
             assert_eq!(
                 decoded,
@@ -950,7 +1014,7 @@ fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
 
 /// Buffers `response` if its body fits in `max` bytes; otherwise keeps it for one caller,
 /// with whatever was read already in front of the rest.
-async fn buffer<B, E>(response: Response<B>, max: usize) -> SharedKind<B, E>
+async fn buffer<B, E>(response: Response<B>, max: usize, replay_if: &ReplayIf) -> SharedKind<B, E>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -963,10 +1027,11 @@ where
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max as u64) {
         let response = Response::from_parts(parts, ResponseBody::streaming(body));
-        return SharedKind::Streamed(Mutex::new(Some(response)));
+        return SharedKind::Streamed(Box::new(Mutex::new(Some(response))));
     }
     let mut body = Box::pin(body);
-    let mut data = BytesMut::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0;
     let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -975,12 +1040,12 @@ where
         };
         match frame.into_data() {
             Ok(chunk) => {
-                data.extend_from_slice(&chunk);
-                if data.len() > max {
-                    let rest = ResponseBody::rest(data.freeze(), body);
-                    return SharedKind::Streamed(Mutex::new(Some(Response::from_parts(
-                        parts, rest,
-                    ))));
+                len += chunk.len();
+                chunks.push(chunk);
+                if len > max {
+                    let rest = ResponseBody::rest(concat(chunks, len), body);
+                    let response = Response::from_parts(parts, rest);
+                    return SharedKind::Streamed(Box::new(Mutex::new(Some(response))));
                 }
             }
             Err(frame) => {
@@ -990,13 +1055,26 @@ where
             }
         }
     }
-    SharedKind::Buffered {
-        status: parts.status,
-        version: parts.version,
-        headers: parts.headers,
-        body: data.freeze(),
-        trailers,
+    SharedKind::Buffered(Buffered::new(
+        parts.status,
+        parts.version,
+        &parts.headers,
+        &chunks,
+        trailers.as_ref(),
+        replay_if,
+    ))
+}
+
+/// The chunks of a body as one `Bytes` of exactly `len` bytes (a single chunk as it is).
+fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
     }
+    let mut joined = Vec::with_capacity(len);
+    for chunk in chunks {
+        joined.extend_from_slice(&chunk);
+    }
+    Bytes::from(joined)
 }
 
 /// The stand-in error for callers of a flight whose response could not be shared.
