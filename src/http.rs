@@ -217,6 +217,12 @@ where
             return ExtractFuture::ready(Ok(Extracted::Bypass(request)));
         }
         let (parts, body) = request.into_parts();
+        if parts.headers.get_all(CONTENT_TYPE).iter().nth(1).is_some() {
+            // A singleton field (RFC 9110 §8.3): an inner service reading another value than
+            // the first would parse a body the layer did not look at.
+            let malformed = Rejection::Malformed("more than one content type");
+            return ExtractFuture::ready(Err(Rejected::new(malformed).into()));
+        }
         let kind = source::body_kind(&parts.headers);
         if !(self.inner.reads_body && matches!(kind, Some(BodyKind::Json | BodyKind::Form))) {
             // Header sources only: decided now, and the body streams on untouched.
@@ -256,10 +262,12 @@ impl<V: Verify> ExtractConfig<V> {
         has_body: bool,
     ) -> ExtractResult<B> {
         let found = source::find(&self.sources, &parts.headers, read)?;
+        if found.other_grant {
+            // The grant type decides: an authorization-code exchange that happens to carry a
+            // refresh cookie (browsers attach it) is no refresh of that cookie's token.
+            return Ok(Extracted::Bypass(Request::from_parts(parts, body)));
+        }
         let Some(token) = found.token else {
-            if found.other_grant {
-                return Ok(Extracted::Bypass(Request::from_parts(parts, body)));
-            }
             let unread_body = read.is_none() && has_body && self.reads_body;
             return Err(Rejected::new(if unread_body {
                 Rejection::Malformed("unsupported content type for a token in the body")

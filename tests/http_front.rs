@@ -703,6 +703,19 @@ fn bad_inputs() -> Vec<Case> {
             "invalid_request",
         ),
         case(
+            "two content types",
+            "more than one content type",
+            hs,
+            post()
+                .header(header::CONTENT_TYPE, "text/plain")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::AUTHORIZATION, format!("Bearer {valid}"))
+                .body(Body::from(r#"{"refresh_token":"forged"}"#))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        case(
             "two different client ids",
             "more than one client id",
             hs,
@@ -1268,4 +1281,37 @@ async fn requests_to_other_paths_pass_through_untouched() {
         2,
         "one call for the other path, one for the refresh"
     );
+}
+
+#[tokio::test]
+async fn another_grant_type_passes_through_even_with_a_refresh_cookie() {
+    let front = front();
+    let exchange = |cookie: &str| {
+        post()
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, format!("refresh_token={cookie}"))
+            .body(Body::from("grant_type=authorization_code&code=abc"))
+            .unwrap()
+    };
+    // A valid refresh cookie does not make the exchange a refresh of it...
+    let valid = tokens::refresh("alice");
+    let (a, b) = futures_util::join!(
+        send(&front.service, exchange(&valid)),
+        send(&front.service, exchange(&valid))
+    );
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    assert_ne!(
+        a.json()["refresh_token"],
+        b.json()["refresh_token"],
+        "not shared"
+    );
+    // ...and an expired one does not block the login.
+    let expired = tokens::hs256(&json!({"sub": "alice", "exp": tokens::now() - 3600}));
+    assert_eq!(
+        send(&front.service, exchange(&expired)).await.status,
+        StatusCode::OK
+    );
+    let stats = front.handle.stats();
+    assert_eq!((stats.bypassed, stats.leader, stats.rejected), (3, 0, 0));
+    assert_eq!(front.calls.get(), 3);
 }
