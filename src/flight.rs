@@ -18,9 +18,9 @@
 //!   place with a compare-and-swap against `max_entries` before it spawns, so leaders in
 //!   different shards cannot overshoot the limit together; `in_flight` changes only under
 //!   the flight's shard lock, so its task cannot decrement it before `lead` counted it.
-//! - The group index holds `(key, id)` for every entry that has a group. Locks are taken in
-//!   one order, shard then group; `invalidate_group` releases the group lock before it takes
-//!   shard locks.
+//! - The group counts hold, per group, the number of entries that carry it. Locks are
+//!   taken in one order, shard then group counts, and shard locks are never nested:
+//!   sweeps and `invalidate_group` visit the shards one at a time.
 
 use std::{
     any::Any,
@@ -636,7 +636,7 @@ impl Table {
     }
 
     /// Asserts the table's invariants at quiescence: `len` counts the entries, no more
-    /// entries are flights than flights run, and the group index holds exactly the grouped
+    /// entries are flights than flights run, and the group counts count exactly the grouped
     /// entries.
     #[cfg(all(test, refresh_coalesce_loom))]
     pub(crate) fn check_consistency(&self) {
@@ -1100,7 +1100,7 @@ mod loom_tests {
     }
 
     /// 4. A group is invalidated while a request leads a new key into it and a member's
-    ///    flight completes: no deadlock, and at quiescence the group index holds exactly
+    ///    flight completes: no deadlock, and at quiescence the group counts count exactly
     ///    the grouped entries.
     #[test]
     fn loom_invalidate_group_races_lead_and_completion() {
