@@ -517,7 +517,7 @@ fn bad_inputs() -> Vec<Case> {
         ),
         case(
             "invalid UTF-8 in the JSON body",
-            "not a JSON object",
+            "not UTF-8",
             hs,
             post()
                 .header(header::CONTENT_TYPE, "application/json")
@@ -569,6 +569,49 @@ fn bad_inputs() -> Vec<Case> {
             post()
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Body::from("{\"refresh_token\": "))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        case(
+            "a JSON body that is not UTF-8 (in a field the layer does not read)",
+            "not UTF-8",
+            hs,
+            post()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    [
+                        format!("{{\"refresh_token\":\"{valid}\",\"device\":\"").as_bytes(),
+                        b"\xf8\"}",
+                    ]
+                    .concat(),
+                ))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        case(
+            "a lone surrogate escape in a field the layer does not read",
+            "not a JSON object",
+            hs,
+            post()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(format!(
+                    "{{\"refresh_token\":\"{valid}\",\"device\":[{{\"name\":\"\\ud800\"}}]}}"
+                )))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        case(
+            "a number out of range in a field the layer does not read",
+            "not a JSON object",
+            hs,
+            post()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(format!(
+                    "{{\"refresh_token\":\"{valid}\",\"n\":1e999}}"
+                )))
                 .unwrap(),
             StatusCode::BAD_REQUEST,
             "invalid_request",

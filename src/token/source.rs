@@ -8,7 +8,7 @@ use http::{
     HeaderMap, HeaderName, HeaderValue,
     header::{AUTHORIZATION, CONTENT_TYPE, COOKIE},
 };
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use crate::error::{Rejected, Rejection};
 
@@ -292,9 +292,12 @@ fn visible(value: &HeaderValue) -> Option<&str> {
 }
 
 /// The string field `field` of a JSON object; a repeated field is refused (two parsers could
-/// otherwise pick different ones).
+/// otherwise pick different ones). The whole body must be JSON as RFC 8259 defines it (UTF-8,
+/// no lone surrogate escapes, numbers in range), as a strict parser behind the layer reads
+/// it: a body the layer accepts is one every parser accepts.
 fn json_field(body: &Bytes, field: &str) -> Result<Option<String>, Rejected> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let text = std::str::from_utf8(body).map_err(|_| malformed("the JSON body is not UTF-8"))?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
     let token = FieldSeed { field }
         .deserialize(&mut deserializer)
         .map_err(|_| malformed("body is not a JSON object with a string token field"))?;
@@ -335,10 +338,68 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
                 }
                 token = Some(map.next_value::<String>()?);
             } else {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Checked>()?;
             }
         }
         Ok(token.filter(|t| !t.is_empty()))
+    }
+}
+
+/// Any JSON value, read and dropped. Unlike `IgnoredAny`, strings are decoded (serde_json
+/// skips an ignored string without checking its escapes) and numbers converted, so that a
+/// value a strict parser refuses is refused here too.
+struct Checked;
+
+impl<'de> de::Deserialize<'de> for Checked {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map
+            .next_entry::<std::borrow::Cow<'de, str>, Checked>()?
+            .is_some()
+        {}
+        Ok(Checked)
     }
 }
 
