@@ -51,7 +51,7 @@ trap 'kill "$sampler" "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 
 status=0
 target/release/examples/load steady --target "http://$addr" --rate "$rate" \
-    --duration "$seconds" --tokens 50 --hold 1 | tee "$dir/load.txt" || status=$?
+    --duration "$seconds" --tokens 50 --hold 1 --ttl 2 | tee "$dir/load.txt" || status=$?
 kill "$sampler" 2>/dev/null || true
 grep -qE 'requests in .*; 200 ×[0-9]+$' "$dir/load.txt" \
     || { echo "soak.sh: a request was not answered 200" >&2; status=1; }

@@ -1291,6 +1291,13 @@ mod tests {
     use futures_util::FutureExt;
     use std::panic::{AssertUnwindSafe, catch_unwind};
 
+    /// A table slot stays one cache line: memory per entry is a benchmark target
+    /// (BENCHMARKS.md §6).
+    #[test]
+    fn a_table_slot_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<(Slot, Entry)>(), 64);
+    }
+
     /// A leader whose spawn panics (no runtime) leaves no entry and gives its place back.
     #[test]
     fn a_panicking_start_gives_its_place_back() {

@@ -16,12 +16,11 @@
 //! cargo test --all-features --test model                          # 256 cases per property
 //! PROPTEST_CASES=10000 cargo test --all-features --test model     # about a minute
 //! cargo test --all-features --test model -- --ignored --nocapture coverage
-//! cargo test --all-features --test model -- --ignored finding_    # known findings: fail
 //! ```
 //!
 //! Failures are not persisted to a file (`failure_persistence: None`): a shrunk
 //! counterexample is printed, and belongs in this file as a scenario. The figures, and the
-//! findings behind `mod findings`, are in `docs/hardening.md`.
+//! findings behind `mod findings` (all fixed), are in `docs/hardening.md`.
 
 use std::{
     convert::Infallible,
@@ -1461,8 +1460,8 @@ mod findings {
     /// period a request is turned away `Overloaded(Entries)` though no live entry fills the
     /// table. Here `max_entries` is 1; t0's replay expires at 30.5 s, between two sweeps
     /// (at 30.4 s and 31.4 s); t1 (another shard) comes at 30.5 s.
-    /// Proposed fix: when `reserve` fails, sweep every shard (or keep a count of expired
-    /// entries) before refusing.
+    /// Fixed: a leader refused by `reserve` sweeps every shard (at most every 10 ms) before
+    /// it answers `Overloaded`.
     #[test]
     fn finding_expired_replays_refuse_a_leader_until_the_next_sweep() {
         let stats = core(
@@ -1543,9 +1542,9 @@ mod findings {
     /// the runtime thread. `examples/flood.rs --one-subject` (100,000 tokens of one subject):
     /// the table emptied 6.7 s after the last replay expired (0–1 s with one subject each),
     /// and one sweep held the runtime thread for 777 ms. Any subject with many live tokens
-    /// (a shared account, a client that logs in in a loop) does it. Proposed fix: index
-    /// members by key (`HashMap<Slot, u64>` per group, or an inline single member that
-    /// becomes a map past one), for O(1) removal.
+    /// (a shared account, a client that logs in in a loop) does it. Fixed: a group keeps a
+    /// count of its entries, not a member list; each entry carries its group, so removal is
+    /// O(1) and `invalidate_group` scans the shards for the group's entries.
     #[test]
     fn finding_sweeping_one_subjects_entries_is_quadratic() {
         quiet_inner_panics();
@@ -1563,9 +1562,9 @@ mod findings {
     /// when a flood's entries expire together, it holds its runtime thread for the whole
     /// sweep (`examples/flood.rs`: 0.2–0.6 s for 100,000 entries in release; on a
     /// current-thread runtime every other request waits that long). Here a task sampling the
-    /// entry count between polls sees it drop from n to 0 at once. Proposed fix: sweep one
-    /// shard (or a bounded batch) per poll, yielding in between, and drop removed values
-    /// after releasing the shard lock.
+    /// entry count between polls sees it drop from n to 0 at once. Fixed: the sweeper sweeps
+    /// one shard per poll, yielding in between, and drops removed values after releasing
+    /// the shard lock.
     #[test]
     fn finding_the_sweep_holds_its_thread_for_every_shard() {
         let n = 20_000;
@@ -1595,10 +1594,8 @@ mod findings {
     /// (671 bytes per entry). The buffered response keeps the inner response's `HeaderMap`
     /// (~800 bytes for two headers: index table, bucket vector with spare capacity, one
     /// allocation per value), plus the group index's `Vec` per subject and the `Cold` box.
-    /// Proposed fix: store a buffered response as one compact allocation (the `wire`
-    /// encoding the store already uses, or headers as an exact-size boxed slice), keep one
-    /// group member inline, and/or derive the default `max_entries` of the HTTP front from a
-    /// byte budget. This test measures 20,000 entries through the HTTP front.
+    /// Fixed: a buffered response keeps its headers and body in one exact-size allocation,
+    /// and groups are counts. This test measures 20,000 entries through the HTTP front.
     #[cfg(feature = "jwt")]
     #[test]
     fn finding_http_entries_fit_the_64_mib_budget() {
