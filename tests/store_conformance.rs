@@ -395,6 +395,43 @@ async fn a_wait_returns_the_flight_outcome_of_its_fence_which_is_no_replay(b: Ba
     );
 }
 
+async fn a_flight_outcome_releases_the_lock_so_the_next_request_leads(b: Backend) {
+    // A flight's outcome (an error, a refusal) is for that flight's waiters only: a request
+    // after it must lead anew, not follow the ended flight and receive its outcome.
+    let k = key("flight-release");
+    let (leader, foreign) = (Fence::random(), Fence::random());
+    assert_eq!(
+        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+        Election::Won
+    );
+    // A foreign fence's outcome does not release the leader's lock.
+    b.store(1)
+        .complete(
+            &k,
+            &foreign,
+            &SEAL,
+            b"x".to_vec(),
+            Keep::Flight { ttl: TTL },
+        )
+        .await
+        .unwrap();
+    let during = b.store(2).elect(&k, &Fence::random(), LEASE).await.unwrap();
+    b.store(0)
+        .complete(
+            &k,
+            &leader,
+            &SEAL,
+            b"401".to_vec(),
+            Keep::Flight { ttl: TTL },
+        )
+        .await
+        .unwrap();
+    let after = b.store(2).elect(&k, &Fence::random(), LEASE).await.unwrap();
+
+    assert_eq!(during, Election::Lost { leader }, "{}", b.name);
+    assert_eq!(after, Election::Won, "{}", b.name);
+}
+
 async fn a_wait_for_an_unknown_fence_returns_nothing_at_its_deadline(b: Backend) {
     let k = key("wait-unknown");
     let leader = Fence::random();
@@ -609,6 +646,7 @@ conformance!(
     a_late_leader_completing_a_second_replay_gets_the_first_value,
     a_wait_returns_the_replay_as_soon_as_the_leader_completes_later,
     a_wait_returns_the_flight_outcome_of_its_fence_which_is_no_replay,
+    a_flight_outcome_releases_the_lock_so_the_next_request_leads,
     a_wait_for_an_unknown_fence_returns_nothing_at_its_deadline,
     invalidating_a_key_removes_its_replay_and_tells_every_handle,
     invalidating_a_group_removes_that_groups_replays_only_and_tells_every_handle,
@@ -648,6 +686,11 @@ mod redis_only {
             )
             .await
             .unwrap();
+        // Completing with a flight outcome released the lock; take it again for the dump.
+        assert_eq!(
+            b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+            Election::Won
+        );
         (k, group, leader)
     }
 

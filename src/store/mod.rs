@@ -215,7 +215,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores the leader's result and wakes the waiters, in one step. A replay is stored only
     /// if none exists; if one does (a late leader), it is returned instead and every caller
-    /// uses it, so all callers see the same tokens.
+    /// uses it, so all callers see the same tokens. A flight's outcome ([`Keep::Flight`])
+    /// also releases the lock if `fence` holds it, in the same step: no request may follow a
+    /// flight after its outcome is stored, as that outcome is not a replay.
     fn complete<'a>(
         &'a self,
         key: &'a Fingerprint,
@@ -415,6 +417,13 @@ impl Store for MemoryStore {
                         state
                             .outcomes
                             .insert((*key, fence.clone()), (stored, *seal, now + ttl));
+                        if state
+                            .locks
+                            .get(key)
+                            .is_some_and(|(holder, _)| holder == fence)
+                        {
+                            state.locks.remove(key);
+                        }
                         None
                     }
                 }

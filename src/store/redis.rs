@@ -243,7 +243,10 @@ struct Scripts {
     /// KEYS: res. ARGV: value, ttl ms, channel, message. Stores the replay unless one exists
     /// and announces it; returns nil, or the existing `{value, pttl}`.
     complete_replay: Script,
-    /// KEYS: out. ARGV: value, ttl ms, channel, message.
+    /// KEYS: out, lock. ARGV: value, ttl ms, channel, message, fence. Stores the flight's
+    /// outcome, announces it, and releases the lock if the fence still holds it: a request
+    /// that comes after the outcome elects a new leader instead of following a flight that
+    /// has ended (and receiving an outcome that was never meant to be replayed).
     complete_flight: Script,
     /// KEYS: lock. ARGV: fence. Deletes the lock if the fence still holds it.
     release: Script,
@@ -275,6 +278,7 @@ impl Scripts {
             complete_flight: Script::new(
                 r"redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
                   redis.call('PUBLISH', ARGV[3], ARGV[4])
+                  if redis.call('GET', KEYS[2]) == ARGV[5] then redis.call('DEL', KEYS[2]) end
                   return 1",
             ),
             release: Script::new(
@@ -500,10 +504,12 @@ impl Store for RedisStore {
                                 .scripts
                                 .complete_flight
                                 .key(inner.names.outcome(key, fence))
+                                .key(inner.names.key(key, "lock"))
                                 .arg(sealed)
                                 .arg(ttl.as_millis().max(1) as u64)
                                 .arg(&channel)
                                 .arg(message)
+                                .arg(fence.as_str())
                                 .invoke_async::<i64>(&mut connection),
                         )
                         .await?;
