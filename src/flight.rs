@@ -26,7 +26,7 @@ use std::{
     any::Any,
     collections::HashMap,
     future::Future,
-    hash::{BuildHasher, Hasher},
+    hash::{BuildHasher, Hash, Hasher},
     pin::Pin,
     // The table itself and its values stay in std's `Arc`: other modules hold the table,
     // and a value is a `dyn Any`. Waiter counts are in `sync::Arc`, modelled under loom.
@@ -465,10 +465,12 @@ impl Table {
         if let Some(group) = group {
             // The key was vacant, so any entry the group has is another token's.
             let (mut counts, tag) = self.group_counts(&group);
+            make_room(&mut counts);
             let count = counts.entry(tag).or_insert(0);
             reuse = *count > 0;
             *count += 1;
         }
+        make_room(&mut shard);
         shard.insert(
             key,
             Entry {
@@ -707,6 +709,20 @@ impl Table {
         let period = (self.limits.ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         runtime.spawn(sweep_loop(Arc::downgrade(self), period));
     }
+}
+
+/// Prepares `map` for one more insert. When it has no room left, the standard map grows to
+/// twice its buckets unless at most half of its capacity is live, even when the rest is
+/// tombstones of removed entries: a table refilled after its entries expired (a flood at
+/// the limit, every TTL) would double each time. Rebuilt here at the size its live entries
+/// need, it keeps its size when the room was tombstones and doubles only when it is full.
+fn make_room<K: Hash + Eq, V, S: BuildHasher + Clone>(map: &mut HashMap<K, V, S>) {
+    if map.len() < map.capacity() || map.is_empty() {
+        return;
+    }
+    let mut rebuilt = HashMap::with_capacity_and_hasher(map.len() + 1, map.hasher().clone());
+    rebuilt.extend(map.drain());
+    *map = rebuilt;
 }
 
 async fn sweep_loop(table: Weak<Table>, period: Duration) {
@@ -1296,6 +1312,28 @@ mod tests {
     #[test]
     fn a_table_slot_is_64_bytes() {
         assert_eq!(std::mem::size_of::<(Slot, Entry)>(), 64);
+    }
+
+    /// A shard refilled as its entries expire keeps its size: without `make_room` the
+    /// tombstones of removed entries make the map double (1,792 -> 3,584 here).
+    #[test]
+    fn a_refilled_map_keeps_its_size() {
+        let mut map: HashMap<u64, u64, KeyedFold> = HashMap::with_hasher(KeyedFold::random());
+        for key in 0..1_500 {
+            make_room(&mut map);
+            map.insert(key, key);
+        }
+        let full = map.capacity();
+        assert_eq!(full, 1_792);
+        for round in 1..10u64 {
+            for key in 0..1_500 {
+                map.remove(&((round - 1) * 1_500 + key));
+                make_room(&mut map);
+                map.insert(round * 1_500 + key, key);
+            }
+        }
+        assert_eq!(map.len(), 1_500);
+        assert!(map.capacity() <= full, "{} > {full}", map.capacity());
     }
 
     /// A leader whose spawn panics (no runtime) leaves no entry and gives its place back.
