@@ -28,11 +28,13 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    fs,
     process::ExitCode,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+#[path = "support/rss.rs"]
+mod rss;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -123,33 +125,6 @@ fn mint(from: u64, to: u64, one_subject: bool, tx: tokio::sync::mpsc::Sender<Vec
     }
 }
 
-/// Resident pages from `/proc/self/statm`, `VmRSS` and `VmHWM` from `/proc/self/status`.
-fn resident() -> (u64, u64, u64) {
-    let statm = fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-    let pages = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|field| field.parse().ok())
-        .expect("resident pages");
-    let status = fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kib = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
-    };
-    (pages, kib("VmRSS:") * 1024, kib("VmHWM:") * 1024)
-}
-
-/// The page size, from the two views of the same resident set (no `unsafe` for sysconf).
-fn page_size() -> u64 {
-    let (pages, bytes, _) = resident();
-    let size = (bytes / pages).next_power_of_two();
-    assert!((4096..=65536).contains(&size), "odd page size {size}");
-    size
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -189,7 +164,7 @@ fn take_stall() -> Duration {
 }
 
 async fn flood(options: &Options) -> bool {
-    let page = page_size();
+    let page = rss::page_size();
     let watcher = tokio::spawn(watch_stalls());
     let verifier = JwtVerifier::hs256(SECRET)
         .typ(REFRESH_TYP)
@@ -227,7 +202,7 @@ async fn flood(options: &Options) -> bool {
     let minter = std::thread::spawn(move || mint(0, tokens, one_subject, tx));
     // The baseline: runtime, layer, minting thread and its first batch in place.
     let mut batch = rx.recv().await.expect("a first batch").into_iter();
-    let (pages, _, hwm_before) = resident();
+    let (pages, _, hwm_before) = rss::resident();
     let before = pages * page;
     println!(
         "flood: {} distinct valid tokens ({}), {} in flight, default limits (max_entries \
@@ -265,7 +240,7 @@ async fn flood(options: &Options) -> bool {
     };
     let report = |sent: u64, worst: &mut Worst, statuses: &BTreeMap<String, u64>| {
         let stats = handle.stats();
-        let (pages, _, _) = resident();
+        let (pages, _, _) = rss::resident();
         let growth = (pages * page).saturating_sub(before);
         worst.rss_growth = worst.rss_growth.max(growth);
         let elapsed = start.elapsed();
@@ -340,7 +315,7 @@ async fn flood(options: &Options) -> bool {
     let total = start.elapsed();
     minter.join().expect("minting thread");
     let stats = handle.stats();
-    let (_, _, hwm) = resident();
+    let (_, _, hwm) = rss::resident();
     let peak_growth = hwm.saturating_sub(hwm_before.max(before));
     println!(
         "flood done: {answered} tokens in {:.1} s ({:.0} tokens/s); inner calls {}, leaders {}, \
@@ -375,7 +350,7 @@ async fn flood(options: &Options) -> bool {
             entries = handle.stats().entries;
         }
         let stats = handle.stats();
-        let (pages, _, _) = resident();
+        let (pages, _, _) = rss::resident();
         println!(
             "drain: entries {} and in flight {} {:.2} s after the last replay expired; longest \
              event-loop stall {:?}; rss +{:.1} MiB (freed memory stays with the allocator)",

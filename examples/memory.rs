@@ -14,7 +14,10 @@
 //! `VmRSS` in `/proc/self/status`) right before the first insert and after the last one has
 //! settled; the crate forbids `unsafe`, so there is no counting global allocator.
 
-use std::{convert::Infallible, fs, sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+#[path = "support/rss.rs"]
+mod rss;
 
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_refresh_coalesce::{Fingerprint, RefreshCoalesceLayer};
@@ -35,36 +38,8 @@ fn key(i: u64) -> [u8; 32] {
     *Fingerprint::of(i.to_le_bytes()).as_bytes()
 }
 
-/// Resident pages from `/proc/self/statm`, and `VmRSS` from `/proc/self/status` in bytes.
-fn resident() -> (u64, u64) {
-    let statm = fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-    let pages = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|field| field.parse().ok())
-        .expect("resident pages");
-    let status = fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let vm_rss_kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    (pages, vm_rss_kib * 1024)
-}
-
-/// The page size, from the two views of the same resident set.
-fn page_size() -> u64 {
-    let (pages, bytes) = resident();
-    let size = (bytes / pages).next_power_of_two();
-    assert!(
-        (4096..=65536).contains(&size),
-        "odd page size {size} ({bytes} bytes in {pages} pages)"
-    );
-    size
-}
-
 fn rss(page: u64) -> u64 {
-    resident().0 * page
+    rss::resident().0 * page
 }
 
 async fn fill_ours(n: u64, page: u64) -> (u64, u64, u64) {
@@ -119,7 +94,7 @@ fn main() {
         .next()
         .map(|n| n.replace('_', "").parse().expect(usage))
         .unwrap_or(1_000_000);
-    let page = page_size();
+    let page = rss::page_size();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
