@@ -38,7 +38,7 @@ use tower::{Layer, ServiceExt, service_fn, util::BoxCloneService};
 mod tokens;
 
 use tower_refresh_coalesce::{
-    BoxError, CloneResponse, Fingerprint, Handle, RefreshCoalesceLayer, Stats,
+    BoxError, Builder, CloneResponse, Fingerprint, Handle, RefreshCoalesceLayer, Stats,
     error::{Elapsed, Failure, LeaderFailed, Limit, Overloaded, Shared},
 };
 
@@ -46,6 +46,16 @@ const TTL: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(10);
 const HARD_CAP: Duration = Duration::from_secs(20);
 const MAX_WAITERS: usize = 4;
+
+/// The limits every case's layer runs with (the model predicts them), core or HTTP front.
+fn limited<X, P>(builder: Builder<X, P>, max_entries: usize) -> Builder<X, P> {
+    builder
+        .ttl(TTL)
+        .wait_timeout(WAIT)
+        .hard_cap(HARD_CAP)
+        .max_waiters(MAX_WAITERS)
+        .max_entries(max_entries)
+}
 /// The sweeper's period: `ttl / 4` clamped to at most one second.
 const SWEEP: Duration = Duration::from_secs(1);
 /// Valid tokens; the HTTP front adds a forged one and a request without any.
@@ -293,14 +303,12 @@ struct CoreFront {
 
 impl CoreFront {
     fn new(registry: &Registry, max_entries: usize) -> Self {
-        let layer = RefreshCoalesceLayer::builder(|req: &Req| Some(req.token.clone()))
-            .share(CloneResponse::new())
-            .ttl(TTL)
-            .wait_timeout(WAIT)
-            .hard_cap(HARD_CAP)
-            .max_waiters(MAX_WAITERS)
-            .max_entries(max_entries)
-            .build();
+        let layer = limited(
+            RefreshCoalesceLayer::builder(|req: &Req| Some(req.token.clone()))
+                .share(CloneResponse::new()),
+            max_entries,
+        )
+        .build();
         let handle = layer.handle();
         let registry = registry.clone();
         let inner = service_fn(move |req: Req| {
@@ -420,13 +428,11 @@ mod http_front {
                 .typ(tokens::REFRESH_TYP)
                 .build()
                 .expect("verifier");
-            let layer = RefreshCoalesceLayer::http(HttpExtract::new(verifier))
-                .ttl(TTL)
-                .wait_timeout(WAIT)
-                .hard_cap(HARD_CAP)
-                .max_waiters(MAX_WAITERS)
-                .max_entries(max_entries)
-                .build();
+            let layer = limited(
+                RefreshCoalesceLayer::http(HttpExtract::new(verifier)),
+                max_entries,
+            )
+            .build();
             let handle = layer.handle();
             let registry = registry.clone();
             let inner = service_fn(move |req: Request<RequestBody<Body>>| {
