@@ -926,6 +926,13 @@ mod loom_tests {
         table.stats(false).in_flight
     }
 
+    /// No entry, no flight, and the counts agree.
+    fn assert_empty(table: &Table) {
+        assert_eq!(table.len(), 0);
+        assert_eq!(in_flight(table), 0);
+        table.check_consistency();
+    }
+
     /// 1. Two requests lead one key: one starts the flight, the other joins it; a late
     ///    arrival finds nothing, the flight or its replay, and the replay stays.
     #[test]
@@ -1052,9 +1059,7 @@ mod loom_tests {
                 task.join().unwrap();
                 invalidator.join().unwrap();
                 assert!(matches!(table.find(&k), Ok(Found::Vacant)));
-                assert_eq!(table.len(), 0);
-                assert_eq!(in_flight(&table), 0);
-                table.check_consistency();
+                assert_empty(&table);
                 drop(waiter);
             });
         }
@@ -1177,9 +1182,7 @@ mod loom_tests {
                 assert_eq!(in_flight(&table), 1);
                 table.check_consistency();
                 drop(b_guard);
-                assert_eq!(table.len(), 0);
-                assert_eq!(in_flight(&table), 0);
-                table.check_consistency();
+                assert_empty(&table);
                 drop(a_waiter);
             });
         }
