@@ -711,7 +711,8 @@ impl Remote {
 
     /// Step 3 of a leader: stores its result (returning another leader's if one was stored
     /// first), then releases the lock in the background: the leader's own callers need the
-    /// stored result, not the release, and followers were woken by the completion.
+    /// stored result, not the release, and followers were woken by the completion. A
+    /// stored flight outcome has released the lock already.
     pub(crate) async fn finish(
         &self,
         key: &Fingerprint,
@@ -722,8 +723,14 @@ impl Remote {
     ) -> Option<Stored> {
         let mut winner = None;
         if let Some((value, keep)) = value {
+            // Storing a flight's outcome released the lock in the same step.
+            let releases = matches!(keep, Keep::Flight { .. });
             let completed = self.store.complete(key, fence, seal, value, keep).await;
+            let released = releases && completed.is_ok();
             winner = self.record(completed, counters).flatten();
+            if released {
+                return winner;
+            }
         }
         let (store, key, fence) = (self.store.clone(), *key, fence.clone());
         tokio::spawn(async move {
