@@ -99,13 +99,7 @@ pub fn run_front_with<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, ac
 /// token target's extraction mode.
 pub fn run_extract(req: &Req) {
     let input = FrontInput {
-        config: Config {
-            max_entries: 7,
-            max_waiters: 7,
-            max_replays: None,
-            grpc: false,
-            report: false,
-        },
+        config: Config::roomy(),
         inner: Vec::new(),
         batches: vec![Batch {
             advance: 0,

@@ -74,6 +74,20 @@ pub struct Config {
     pub report: bool,
 }
 
+impl Config {
+    /// The widest limits (8 entries, 8 waiters), no replay limit, JSON refusals, no report:
+    /// what the seeds and the token target's extraction use.
+    pub fn roomy() -> Self {
+        Self {
+            max_entries: 7,
+            max_waiters: 7,
+            max_replays: None,
+            grpc: false,
+            report: false,
+        }
+    }
+}
+
 /// One answer of the inner service.
 #[derive(Arbitrary, Debug, Clone, PartialEq)]
 pub enum InnerReply {

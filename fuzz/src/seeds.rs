@@ -54,13 +54,7 @@ fn one(req: Req) -> FrontInput {
 
 fn batches(inner: Vec<InnerReply>, batches: Vec<Vec<Req>>) -> FrontInput {
     FrontInput {
-        config: Config {
-            max_entries: 7,
-            max_waiters: 7,
-            max_replays: None,
-            grpc: false,
-            report: false,
-        },
+        config: Config::roomy(),
         inner,
         batches: batches
             .into_iter()
