@@ -55,6 +55,42 @@ impl fmt::Display for Elapsed {
 
 impl Error for Elapsed {}
 
+/// A layer, extractor or store was configured in a way that cannot be served safely.
+///
+/// [`Builder::try_build`](crate::layer::Builder::try_build) returns it, and
+/// [`Builder::build`](crate::layer::Builder::build) panics with it, when the layer is built:
+/// a deployment finds out at start-up, not from a leaked answer.
+///
+/// ```
+/// # use tower_refresh_coalesce::error::BuildError;
+/// let err = BuildError::new("match_by_subject needs a verifier that yields subjects");
+/// assert_eq!(err.to_string(), "match_by_subject needs a verifier that yields subjects");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildError {
+    reason: &'static str,
+}
+
+impl BuildError {
+    /// A `BuildError` for `reason`.
+    pub fn new(reason: &'static str) -> Self {
+        Self { reason }
+    }
+
+    /// What is wrong with the configuration.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason)
+    }
+}
+
+impl Error for BuildError {}
+
 /// Which limit turned a request away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -63,6 +99,9 @@ pub enum Limit {
     Entries,
     /// The flight already has `max_waiters` callers waiting on it.
     Waiters,
+    /// The request's group (the token's subject) already holds `max_entries_per_group` live
+    /// entries: one account cannot fill the table for everyone.
+    Group,
 }
 
 /// The request was turned away at once because a limit was reached.
@@ -94,6 +133,7 @@ impl fmt::Display for Overloaded {
         match self.limit {
             Limit::Entries => f.write_str("coalescing table is full"),
             Limit::Waiters => f.write_str("too many callers waiting on one flight"),
+            Limit::Group => f.write_str("too many live refreshes for one subject"),
         }
     }
 }
@@ -222,6 +262,8 @@ pub enum Rejection {
     InvalidToken(&'static str),
     /// The token matched a live entry, but it has expired since (`401 invalid_grant`).
     Expired,
+    /// The request's DPoP proof (RFC 9449) failed its checks (`400 invalid_dpop_proof`).
+    InvalidDpopProof(&'static str),
 }
 
 /// The layer refused a request before any coalescing; the inner service was not called.
@@ -236,12 +278,29 @@ pub enum Rejection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
     rejection: Rejection,
+    closes: bool,
 }
 
 impl Rejected {
     /// A `Rejected` error for `rejection`.
     pub fn new(rejection: Rejection) -> Self {
-        Self { rejection }
+        Self {
+            rejection,
+            closes: false,
+        }
+    }
+
+    /// Marks a refusal sent before the request body was read to its end, when `closes`: its
+    /// HTTP/1 response carries `Connection: close`, so that a pooled client does not send
+    /// its next request into the rest of this one's body.
+    pub(crate) fn closing(mut self, closes: bool) -> Self {
+        self.closes |= closes;
+        self
+    }
+
+    /// Whether the refusal closes the connection.
+    pub fn closes_connection(&self) -> bool {
+        self.closes
     }
 
     /// Why the request was refused.
@@ -264,6 +323,7 @@ impl fmt::Display for Rejected {
             Rejection::BodyTooLarge => f.write_str("request body too large"),
             Rejection::InvalidToken(why) => write!(f, "invalid refresh token: {why}"),
             Rejection::Expired => f.write_str("refresh token expired"),
+            Rejection::InvalidDpopProof(why) => write!(f, "invalid DPoP proof: {why}"),
         }
     }
 }

@@ -66,6 +66,8 @@ pub(crate) struct Limits {
     pub(crate) max_entries: usize,
     pub(crate) max_waiters: usize,
     pub(crate) max_replays: Option<u32>,
+    /// The most live entries of one group (a token subject).
+    pub(crate) max_per_group: u32,
 }
 
 /// One cache line per shard, so that two cores working on two shards do not contend.
@@ -176,24 +178,38 @@ struct Entry {
 
 struct Cold {
     group: Option<Fingerprint>,
+    /// A second name of the entry that `invalidate_group` matches (the HTTP front's token
+    /// tag, shared by every party presenting one token); not counted.
+    tag: Option<Fingerprint>,
     /// Whole seconds since the Unix epoch, rounded down (refusing up to a second early,
     /// never late); 0 for none.
     not_after: u64,
 }
 
 impl Cold {
-    fn new(group: Option<Fingerprint>, not_after: Option<SystemTime>) -> Option<Box<Self>> {
-        let not_after = not_after.map_or(0, |at| {
+    fn new(admission: &Admission) -> Option<Box<Self>> {
+        let not_after = admission.expires().map_or(0, |at| {
             let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
             since.as_secs().max(1)
         });
-        (group.is_some() || not_after != 0).then(|| Box::new(Self { group, not_after }))
+        let group = admission.group_key().copied();
+        let tag = admission.tag_key().copied();
+        (group.is_some() || tag.is_some() || not_after != 0).then(|| {
+            Box::new(Self {
+                group,
+                tag,
+                not_after,
+            })
+        })
     }
 }
 
 impl Entry {
-    fn group(&self) -> Option<Fingerprint> {
-        self.cold.as_ref().and_then(|cold| cold.group)
+    /// Whether `invalidate_group(group)` reaches this entry: by its group or its tag.
+    fn named(&self, group: &Fingerprint) -> bool {
+        self.cold
+            .as_ref()
+            .is_some_and(|cold| cold.group.as_ref() == Some(group) || cold.tag.as_ref() == Some(group))
     }
 
     fn not_after(&self) -> Option<SystemTime> {
@@ -455,20 +471,36 @@ impl Table {
                 }
             }
         }
-        // Given back if `start` panics (spawning does without a runtime).
+        // Given back if `start` panics (spawning does without a runtime), or if the group is
+        // full.
         let place = Place(&self.len);
+        let group = admission.group_key().copied();
+        // The group's count is checked and taken under its lock, around the spawn, so that
+        // leaders of one group in several shards cannot pass the cap together.
+        let mut counts = group.map(|group| self.group_counts(&group));
+        if let Some((counts, tag)) = &counts
+            && counts.get(tag).is_some_and(|n| *n >= self.limits.max_per_group)
+        {
+            return Err(Overloaded::new(Limit::Group).into());
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let future = start(id);
         let waiters = sync::Arc::new(AtomicUsize::new(1));
-        let group = admission.group_key().copied();
         let mut reuse = false;
-        if let Some(group) = group {
+        if let Some((counts, tag)) = &mut counts {
             // The key was vacant, so any entry the group has is another token's.
-            let (mut counts, tag) = self.group_counts(&group);
-            make_room(&mut counts);
-            let count = counts.entry(tag).or_insert(0);
+            make_room(counts);
+            let count = counts.entry(*tag).or_insert(0);
             reuse = *count > 0;
             *count += 1;
+        }
+        drop(counts);
+        if let Some(tag) = admission.tag_key() {
+            // Counted like a group (never nested in another group's lock), so that
+            // `invalidate_group` of a tag with no entries costs one lookup too.
+            let (mut counts, tag) = self.group_counts(tag);
+            make_room(&mut counts);
+            *counts.entry(tag).or_insert(0) += 1;
         }
         make_room(&mut shard);
         shard.insert(
@@ -479,7 +511,7 @@ impl Table {
                     future: future.clone(),
                     waiters: waiters.clone(),
                 })),
-                cold: Cold::new(group, admission.expires()),
+                cold: Cold::new(&admission),
             },
         );
         // Counted before the lock is released: the flight's task can only finish (and
@@ -573,7 +605,7 @@ impl Table {
             let mut shard = lock(&shard.map);
             let members: Vec<(Slot, u64)> = shard
                 .iter()
-                .filter(|(_, entry)| entry.group().as_ref() == Some(group))
+                .filter(|(_, entry)| entry.named(group))
                 .map(|(key, entry)| (*key, entry.id))
                 .collect();
             removed.extend(
@@ -597,8 +629,9 @@ impl Table {
         let entry = shard.remove(&key)?;
         debug_assert_eq!(entry.id, id);
         self.len.fetch_sub(1, Ordering::SeqCst);
-        if let Some(group) = entry.group() {
-            let (mut counts, tag) = self.group_counts(&group);
+        let names = entry.cold.as_ref().map_or([None, None], |c| [c.group, c.tag]);
+        for name in names.iter().flatten() {
+            let (mut counts, tag) = self.group_counts(name);
             if let Some(count) = counts.get_mut(&tag) {
                 *count -= 1;
                 if *count == 0 {
@@ -649,8 +682,9 @@ impl Table {
             entries += shard.len();
             for entry in shard.values() {
                 flights += usize::from(matches!(entry.state, State::Flight(_)));
-                if let Some(group) = entry.group() {
-                    *grouped.entry(self.group_counts(&group).1).or_default() += 1;
+                let names = entry.cold.as_ref().map_or([None, None], |c| [c.group, c.tag]);
+                for name in names.iter().flatten() {
+                    *grouped.entry(self.group_counts(name).1).or_default() += 1;
                 }
             }
         }
@@ -859,6 +893,7 @@ mod loom_tests {
             max_entries: 64,
             max_waiters,
             max_replays: None,
+            max_per_group: u32::MAX,
         }))
     }
 
@@ -1198,6 +1233,7 @@ mod loom_tests {
                 max_entries: 1,
                 max_waiters: 8,
                 max_replays: None,
+                max_per_group: u32::MAX,
             }));
             let leaders: Vec<_> = [key(1, 5), key(2, 6)]
                 .into_iter()
@@ -1347,6 +1383,7 @@ mod tests {
             max_entries: 1,
             max_waiters: 8,
             max_replays: None,
+            max_per_group: u32::MAX,
         }));
         let key = Fingerprint::from("k");
         let panicked = catch_unwind(AssertUnwindSafe(|| {

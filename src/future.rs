@@ -203,7 +203,7 @@ fn begin<Req, S, X, P>(
     inner: &mut Option<S>,
     key: Fingerprint,
     token: X::Token,
-    request: X::Request,
+    mut request: X::Request,
 ) -> Step<X::Request, Result<P::Response, P::Error>>
 where
     X: Extract<Req> + Send + Sync + 'static,
@@ -218,7 +218,7 @@ where
     let found = match core.table.find_answer(&key, replayed) {
         Ok(Lookup::Answered(result)) => return Step::Answered(result),
         Ok(Lookup::Found(Found::Vacant)) => {
-            let admission = match core.extract.admit(token) {
+            let admission = match core.extract.admit(token, &mut request) {
                 Ok(admission) => admission,
                 Err(error) => return Step::Refuse(error, Outcome::Rejected),
             };

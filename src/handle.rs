@@ -72,16 +72,15 @@ impl Handle {
         self.table.invalidate_group(group)
     }
 
-    /// Removes the entry of refresh token `token` presented by `client_id` (the Basic user or
-    /// form `client_id` of the request, `None` if it had none); returns whether there was
-    /// one.
+    /// Removes every entry of refresh token `token`, whichever client, credential or sender
+    /// presented it; returns how many.
     ///
     /// Only layers built with [`RefreshCoalesceLayer::http`](crate::RefreshCoalesceLayer::http)
-    /// key entries by token; on other layers this finds nothing and returns `false`.
-    pub fn invalidate_token(&self, token: &str, client_id: Option<&str>) -> bool {
+    /// tag entries by token; on other layers this finds nothing and returns `0`.
+    pub fn invalidate_token(&self, token: &str) -> usize {
         self.keys
             .as_ref()
-            .is_some_and(|keys| self.invalidate(&keys.token_key(token, client_id)))
+            .map_or(0, |keys| self.invalidate_group(&keys.token_tag(token)))
     }
 
     /// Removes every entry of tokens whose subject is `subject`, for every client; returns

@@ -16,7 +16,9 @@ use std::{
 
 use ::http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version,
-    header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE},
+    header::{
+        CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    },
 };
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -24,14 +26,20 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 
 use crate::{
-    error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded, Rejected, Rejection},
+    error::{
+        BoxError, BuildError, Elapsed, Failure, LeaderFailed, Overloaded, Rejected, Rejection,
+    },
     key::{Admission, Extract, Extracted, Fingerprinter},
     share::{Served, Share},
     token::{
-        DEFAULT_MAX_TOKEN_LEN, TokenSource, Verified, Verify, check_shape,
-        source::{self, BodyKind},
+        DEFAULT_MAX_TOKEN_LEN, TokenSource, Verified, Verify,
+        source::{self, BodyKind, Client, Credential},
     },
 };
+
+mod grant;
+
+pub use self::grant::RefreshGrant;
 
 /// The request body cap by default: 16 KiB.
 pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
@@ -50,17 +58,32 @@ pub const COALESCED_HEADER: HeaderName = HeaderName::from_static("x-refresh-coal
 ///   `refresh_token`, the JSON field `refresh_token`, and the RFC 6749 form). The body is
 ///   read only when a body source is configured and the content type is JSON or a form,
 ///   capped at [`body_limit`](Self::body_limit); the inner service receives the same bytes.
-/// - The key is a keyed hash of the exact token and the client binding (the
-///   `Authorization: Basic` user or the form's `client_id`): one client's retries meet one
-///   entry, and another client presenting the same token does not share its response.
+/// - **Two requests share one answer only if the inner service, given each alone, would
+///   authenticate both the same way.** The key is a keyed hash of the exact token and of
+///   everything else the inner service authenticates: the client id however it is sent
+///   (`Authorization: Basic`, form or JSON `client_id`), the client's credential (the Basic
+///   or `client_secret` secret, or the whole RFC 7523 `client_assertion` unless
+///   [`client_assertion_identity`](Self::client_assertion_identity) names a stable identity),
+///   the sender constraint (the RFC 7638 thumbprint of a verified DPoP proof's key), and
+///   whatever [`bind`](Self::bind) adds (an mTLS certificate thumbprint, say). A request
+///   with another secret, no secret or another DPoP key never meets the entry of the right
+///   one.
 /// - A request that finds no entry is verified with `V` (for example a
-///   [`JwtVerifier`](crate::token::JwtVerifier)) before it may call the inner service.
-///   Entries are grouped by the verified subject.
+///   [`JwtVerifier`](crate::token::JwtVerifier)) before it may call the inner service, and
+///   hands the inner service what was verified as a [`RefreshGrant`] extension. Entries are
+///   grouped by the verified subject.
 ///
 /// Cloning is cheap; clones share the configuration.
 pub struct HttpExtract<V> {
     inner: Arc<ExtractConfig<V>>,
 }
+
+/// Mixes integrator-chosen request parts into the key (see [`HttpExtract::bind`]).
+type Bind = Arc<dyn Fn(&::http::request::Parts) -> Option<Vec<u8>> + Send + Sync>;
+
+/// Names the stable identity of a client assertion (see
+/// [`HttpExtract::client_assertion_identity`]).
+type AssertionIdentity = Arc<dyn Fn(&ClientAssertion<'_>) -> Result<String, Rejected> + Send + Sync>;
 
 struct ExtractConfig<V> {
     paths: Option<Vec<String>>,
@@ -69,8 +92,34 @@ struct ExtractConfig<V> {
     body_limit: usize,
     max_token_len: usize,
     keys: Fingerprinter,
+    secret: SecretKind,
     verifier: V,
     by_subject: bool,
+    bind: Option<Bind>,
+    assertion_identity: Option<AssertionIdentity>,
+    #[cfg(feature = "jwt")]
+    dpop: Option<crate::token::DpopVerifier>,
+}
+
+/// Where the fingerprint secret came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecretKind {
+    Random,
+    Explicit,
+    TooShort,
+}
+
+/// A client assertion (RFC 7523 §2.2) as the request presented it, for
+/// [`HttpExtract::client_assertion_identity`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ClientAssertion<'a> {
+    /// The request's `client_id`, if it sent one.
+    pub client_id: Option<&'a str>,
+    /// `client_assertion_type`.
+    pub kind: &'a str,
+    /// `client_assertion`.
+    pub assertion: &'a str,
 }
 
 impl<V: Verify> HttpExtract<V> {
@@ -87,8 +136,13 @@ impl<V: Verify> HttpExtract<V> {
                 body_limit: DEFAULT_BODY_LIMIT,
                 max_token_len: DEFAULT_MAX_TOKEN_LEN,
                 keys: Fingerprinter::random(),
+                secret: SecretKind::Random,
                 verifier,
                 by_subject: false,
+                bind: None,
+                assertion_identity: None,
+                #[cfg(feature = "jwt")]
+                dpop: Some(crate::token::DpopVerifier::new()),
             }),
         }
     }
@@ -113,6 +167,10 @@ impl<V: Verify> HttpExtract<V> {
     }
 
     /// Where tokens are looked for, in order. Default: [`TokenSource::defaults`].
+    ///
+    /// Client authentication in a body (`client_id`, `client_secret`, `client_assertion`) is
+    /// read only when a body source is configured: with header sources alone, clients
+    /// authenticate by `Authorization: Basic` or through [`bind`](Self::bind).
     #[must_use]
     pub fn sources(self, sources: impl IntoIterator<Item = TokenSource>) -> Self {
         self.config(|c| {
@@ -134,30 +192,119 @@ impl<V: Verify> HttpExtract<V> {
         self.config(|c| c.max_token_len = max)
     }
 
-    /// The per-deployment secret of the keyed fingerprints. Default: 32 random bytes, which
-    /// differ per process; instances that coordinate through a shared store need the same.
+    /// The per-deployment secret of the keyed fingerprints, at least
+    /// [`MIN_SECRET_LEN`](crate::MIN_SECRET_LEN) (32) bytes: a shorter one fails the
+    /// layer's build. Default: 32 random bytes, which differ per process; instances that
+    /// coordinate through a shared store need the same, and a layer with a store refuses to
+    /// build without one.
     #[must_use]
     pub fn secret(self, secret: impl AsRef<[u8]>) -> Self {
-        let keys = Fingerprinter::new(secret);
-        self.config(|c| c.keys = keys)
+        match Fingerprinter::new(secret) {
+            Ok(keys) => self.config(|c| {
+                c.keys = keys;
+                c.secret = SecretKind::Explicit;
+            }),
+            Err(_) => self.config(|c| c.secret = SecretKind::TooShort),
+        }
     }
 
     /// **Unsafe with rotating tokens; opt in only if you understand why.** Matches requests
-    /// by the token's *subject* (and client) instead of the exact token.
+    /// by the token's *subject* (and client authentication) instead of the exact token.
     ///
     /// Every request is then verified before it is matched, and any valid token of a user
     /// gets the user's live result: an old, already rotated token (possibly a stolen one)
     /// receives the fresh pair, and the identity server never sees the reuse it would have
     /// detected; two devices of one user receive each other's session. Use it only when
     /// refresh tokens do not rotate and responses carry nothing device-specific.
+    ///
+    /// Different subjects never share a key, and a request whose token has no subject is
+    /// never coalesced (it reaches the inner service after verification). The layer refuses
+    /// to build with a verifier that yields no subjects ([`Opaque`](crate::Opaque)) or with
+    /// a store: subject entries are sealed under one token each and cannot be opened by
+    /// another token of the subject on another instance.
     #[must_use]
     pub fn match_by_subject(self) -> Self {
         self.config(|c| c.by_subject = true)
     }
 
+    /// Mixes request parts the integrator chooses into the key: two requests share an answer
+    /// only if `bind` returns the same bytes for both. For example the thumbprint of an mTLS
+    /// client certificate (RFC 8705) that the TLS acceptor put in the request's extensions.
+    /// Default: nothing.
+    ///
+    /// ```
+    /// use tower_refresh_coalesce::{HttpExtract, Opaque};
+    ///
+    /// /// What a TLS acceptor stored in the request's extensions.
+    /// #[derive(Clone)]
+    /// struct CertThumbprint([u8; 32]);
+    ///
+    /// let extract = HttpExtract::new(Opaque)
+    ///     .bind(|parts| parts.extensions.get::<CertThumbprint>().map(|c| c.0.to_vec()));
+    /// # let _ = extract;
+    /// ```
+    #[must_use]
+    pub fn bind(
+        self,
+        bind: impl Fn(&::http::request::Parts) -> Option<Vec<u8>> + Send + Sync + 'static,
+    ) -> Self {
+        self.config(|c| c.bind = Some(Arc::new(bind)))
+    }
+
+    /// Keys client assertions (RFC 7523) by the stable identity `identify` returns (for
+    /// example the verified `iss` of the assertion) instead of by the whole assertion. It
+    /// runs on every request that carries an assertion, before the key is known; an error
+    /// refuses the request. Default: the key holds the whole assertion, so requests with
+    /// fresh assertions never share an answer.
+    #[must_use]
+    pub fn client_assertion_identity(
+        self,
+        identify: impl Fn(&ClientAssertion<'_>) -> Result<String, Rejected> + Send + Sync + 'static,
+    ) -> Self {
+        self.config(|c| c.assertion_identity = Some(Arc::new(identify)))
+    }
+
+    /// How DPoP proofs (RFC 9449) are checked. Default: [`DpopVerifier::new`]; a request
+    /// with a `DPoP` header is keyed by the thumbprint of its verified proof's key, so the
+    /// same client with fresh proofs from one key still coalesces.
+    ///
+    /// [`DpopVerifier::new`]: crate::token::DpopVerifier::new
+    #[cfg(feature = "jwt")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+    #[must_use]
+    pub fn dpop(self, verifier: crate::token::DpopVerifier) -> Self {
+        self.config(|c| c.dpop = Some(verifier))
+    }
+
     /// The keys of this extractor's fingerprints, for invalidation by token or subject.
     pub(crate) fn keys(&self) -> &Fingerprinter {
         &self.inner.keys
+    }
+
+    /// What the layer's build checks of this extractor.
+    pub(crate) fn problems(&self, with_store: bool) -> Result<(), BuildError> {
+        let config = &*self.inner;
+        if config.secret == SecretKind::TooShort {
+            return Err(BuildError::new(
+                "the fingerprint secret must be at least 32 bytes",
+            ));
+        }
+        if with_store && config.secret == SecretKind::Random {
+            return Err(BuildError::new(
+                "a layer with a store needs an explicit fingerprint secret (HttpExtract::secret), shared by every instance",
+            ));
+        }
+        if config.by_subject && !config.verifier.yields_subjects() {
+            return Err(BuildError::new(
+                "match_by_subject needs a verifier that yields subjects (Opaque yields none)",
+            ));
+        }
+        if config.by_subject && with_store {
+            return Err(BuildError::new(
+                "match_by_subject does not work across instances: build the layer without a store",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -186,11 +333,13 @@ impl<V> fmt::Debug for HttpExtract<V> {
 /// Opaque: it never prints the token.
 pub struct Candidate {
     inner: CandidateKind,
+    /// A refusal leaves the request body unread: close the HTTP/1 connection.
+    closes: bool,
 }
 
 enum CandidateKind {
-    Token(String),
-    Admitted(Admission),
+    Token(RefreshGrant),
+    Admitted(Admission, RefreshGrant),
 }
 
 impl fmt::Debug for Candidate {
@@ -217,98 +366,219 @@ where
             return ExtractFuture::ready(Ok(Extracted::Bypass(request)));
         }
         let (parts, body) = request.into_parts();
+        // A refusal sent before the body was read leaves the rest of it on an HTTP/1
+        // connection: such refusals carry `Connection: close` (HTTP/2 ends only the stream).
+        let http1 = parts.version <= Version::HTTP_11;
         if parts.headers.get_all(CONTENT_TYPE).iter().nth(1).is_some() {
             // A singleton field (RFC 9110 §8.3): an inner service reading another value than
             // the first would parse a body the layer did not look at.
-            let malformed = Rejection::Malformed("more than one content type");
-            return ExtractFuture::ready(Err(Rejected::new(malformed).into()));
+            let malformed = Rejected::new(Rejection::Malformed("more than one content type"));
+            let closes = http1 && !body.is_end_stream();
+            return ExtractFuture::ready(Err(malformed.closing(closes).into()));
         }
         let kind = source::body_kind(&parts.headers);
         if !(self.inner.reads_body && matches!(kind, Some(BodyKind::Json | BodyKind::Form))) {
             // Header sources only: decided now, and the body streams on untouched.
-            let has_body = !body.is_end_stream();
+            let unread = !body.is_end_stream();
             let result = self
                 .inner
-                .finish(parts, RequestBody::streaming(body), None, has_body);
+                .finish(parts, RequestBody::streaming(body), None, unread, http1);
             return ExtractFuture::ready(result);
         }
         let config = self.inner.clone();
         ExtractFuture::reading(async move {
             let limit = config.body_limit;
-            let bytes = read_body(body, &parts.headers, limit).await?;
+            let bytes = read_body(body, &parts.headers, limit)
+                .await
+                .map_err(|refused| refused.closing(http1))?;
             let kind = kind.unwrap_or(BodyKind::Other);
-            let has_body = !bytes.is_empty();
             let body = RequestBody::buffered(bytes.clone());
-            config.finish(parts, body, Some((&bytes, kind)), has_body)
+            config.finish(parts, body, Some((&bytes, kind)), false, http1)
         })
     }
 
-    fn admit(&self, candidate: Candidate) -> Result<Admission, BoxError> {
-        match candidate.inner {
-            CandidateKind::Token(token) => Ok(self.inner.admission(&token)?),
-            CandidateKind::Admitted(admission) => Ok(admission),
-        }
+    fn admit(
+        &self,
+        candidate: Candidate,
+        request: &mut Self::Request,
+    ) -> Result<Admission, BoxError> {
+        let (admission, grant) = match candidate.inner {
+            CandidateKind::Token(grant) => {
+                let verified = self
+                    .inner
+                    .verifier
+                    .verify(grant.token())
+                    .map_err(|refused| refused.closing(candidate.closes))?;
+                let admission = admission(&self.inner.keys, grant.token(), &verified);
+                (admission, grant.with_claims(verified))
+            }
+            CandidateKind::Admitted(admission, grant) => (admission, grant),
+        };
+        request.extensions_mut().insert(grant);
+        Ok(admission)
     }
 }
 
 type ExtractResult<B> = Result<Extracted<Candidate, Request<RequestBody<B>>>, BoxError>;
 
 impl<V: Verify> ExtractConfig<V> {
+    /// Finds the token and keys the request. `unread`: the request has a body that is left
+    /// unread, so a refusal on an HTTP/1 connection closes it.
     fn finish<B>(
         &self,
         parts: ::http::request::Parts,
         body: RequestBody<B>,
         read: Option<(&Bytes, BodyKind)>,
-        has_body: bool,
+        unread: bool,
+        http1: bool,
     ) -> ExtractResult<B> {
-        let found = source::find(&self.sources, &parts.headers, read)?;
-        if found.other_grant {
-            // The grant type decides: an authorization-code exchange that happens to carry a
-            // refresh cookie (browsers attach it) is no refresh of that cookie's token.
+        let closes = unread && http1;
+        let close = |refused: Rejected| refused.closing(closes);
+        let presented =
+            grant::presented(&self.sources, &parts.headers, read, unread, self.max_token_len)
+        .map_err(close)?;
+        let Some((token, client)) = presented else {
             return Ok(Extracted::Bypass(Request::from_parts(parts, body)));
-        }
-        let Some(token) = found.token else {
-            let unread_body = read.is_none() && has_body && self.reads_body;
-            return Err(Rejected::new(if unread_body {
-                Rejection::Malformed("unsupported content type for a token in the body")
-            } else {
-                Rejection::MissingToken
-            })
-            .into());
         };
-        check_shape(&token, self.max_token_len)?;
-        let client = found.client.as_deref();
-        let request = Request::from_parts(parts, body);
-        if self.by_subject {
-            // Verify first: the key depends on what verification learns.
-            let verified = self.verifier.verify(&token)?;
-            let subject = verified.subject.as_deref().unwrap_or("");
-            let key = self.keys.subject_key(subject, client);
-            let admission = admission(&self.keys, &token, verified);
+        let identity = self.assertion_identity(&client).map_err(close)?;
+        let binding = self.bind.as_ref().and_then(|bind| bind(&parts));
+        let sender = self.sender(&parts).map_err(close)?;
+        let grant = RefreshGrant::new(token, client).with_sender(sender.thumbprint());
+        let party = party(grant.client(), identity.as_deref(), binding.as_deref(), &sender);
+        let mut request = Request::from_parts(parts, body);
+        if !self.by_subject {
+            let key = self.keys.token_key(grant.token(), &party);
             return Ok(Extracted::Coalesce {
                 key,
                 token: Candidate {
-                    inner: CandidateKind::Admitted(admission),
+                    inner: CandidateKind::Token(grant),
+                    closes,
                 },
                 request,
             });
         }
+        // Verify first: the key depends on what verification learns.
+        let verified = self.verifier.verify(grant.token()).map_err(close)?;
+        let Some(subject) = verified.subject.as_deref().filter(|s| !s.is_empty()) else {
+            // No subject, no key: the request never coalesces.
+            request.extensions_mut().insert(grant.with_claims(verified));
+            return Ok(Extracted::Bypass(request));
+        };
+        let key = self.keys.subject_key(subject, &party);
+        let admission = admission(&self.keys, grant.token(), &verified);
         Ok(Extracted::Coalesce {
-            key: self.keys.token_key(&token, client),
+            key,
             token: Candidate {
-                inner: CandidateKind::Token(token),
+                inner: CandidateKind::Admitted(admission, grant.with_claims(verified)),
+                closes,
             },
             request,
         })
     }
 
-    fn admission(&self, token: &str) -> Result<Admission, Rejected> {
-        Ok(admission(&self.keys, token, self.verifier.verify(token)?))
+    /// The stable identity of a client assertion, where the integrator names one.
+    fn assertion_identity(&self, client: &Client) -> Result<Option<String>, Rejected> {
+        match (&self.assertion_identity, &client.credential) {
+            (Some(identify), Credential::Assertion { kind, assertion }) => identify(
+                &ClientAssertion {
+                    client_id: client.id.as_deref(),
+                    kind,
+                    assertion,
+                },
+            )
+            .map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The request's sender constraint: the thumbprint of its verified DPoP proof's key.
+    fn sender(&self, parts: &::http::request::Parts) -> Result<Sender, Rejected> {
+        let mut proofs = parts.headers.get_all(DPOP).iter();
+        let Some(proof) = proofs.next() else {
+            return Ok(Sender::None);
+        };
+        if proofs.next().is_some() {
+            return Err(Rejected::new(Rejection::InvalidDpopProof(
+                "more than one DPoP header",
+            )));
+        }
+        let proof = proof.to_str().map_err(|_| {
+            Rejected::new(Rejection::InvalidDpopProof("DPoP header is not visible ASCII"))
+        })?;
+        #[cfg(feature = "jwt")]
+        if let Some(verifier) = &self.dpop {
+            let checked = verifier.check_parts(proof, parts, std::time::SystemTime::now())?;
+            return Ok(Sender::Key(*checked.thumbprint(), checked.thumbprint_b64()));
+        }
+        // No checker: key on the whole proof, so that no two proofs share an answer.
+        Ok(Sender::Proof(proof.as_bytes().to_vec()))
     }
 }
 
-fn admission(keys: &Fingerprinter, token: &str, verified: Verified) -> Admission {
-    let mut admission = Admission::new().seal(keys.token_seal(token));
+/// The `DPoP` request header (RFC 9449 §4.1).
+const DPOP: HeaderName = HeaderName::from_static("dpop");
+
+/// What a request's DPoP header binds it to.
+enum Sender {
+    None,
+    /// A verified proof: its key's RFC 7638 thumbprint, raw and base64url.
+    #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+    Key([u8; 32], String),
+    /// An unchecked proof, whole.
+    Proof(Vec<u8>),
+}
+
+impl Sender {
+    fn thumbprint(&self) -> Option<String> {
+        match self {
+            Self::Key(_, b64) => Some(b64.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The parts of a key besides the token: everything else the inner service authenticates,
+/// each kind tagged so that no two kinds collide.
+fn party<'a>(
+    client: &'a Client,
+    identity: Option<&'a str>,
+    binding: Option<&'a [u8]>,
+    sender: &'a Sender,
+) -> [&'a [u8]; 9] {
+    let flag = |present: bool| if present { &b"1"[..] } else { &b"0"[..] };
+    let id = client.id.as_deref().unwrap_or("").as_bytes();
+    let (kind, a, b): (&[u8], &[u8], &[u8]) = match (&client.credential, identity) {
+        (Credential::Assertion { kind, .. }, Some(identity)) => {
+            (b"assertion-identity", kind.as_bytes(), identity.as_bytes())
+        }
+        (Credential::Assertion { kind, assertion }, None) => {
+            (b"assertion", kind.as_bytes(), assertion.as_bytes())
+        }
+        (Credential::Secret(secret), _) => (b"secret", secret.as_bytes(), b""),
+        (Credential::None, _) => (b"none", b"", b""),
+    };
+    let (sender_kind, sender): (&[u8], &[u8]) = match sender {
+        Sender::None => (b"none", b""),
+        Sender::Key(thumbprint, _) => (b"jkt", thumbprint),
+        Sender::Proof(proof) => (b"proof", proof),
+    };
+    [
+        flag(client.id.is_some()),
+        id,
+        kind,
+        a,
+        b,
+        flag(binding.is_some()),
+        binding.unwrap_or(b""),
+        sender_kind,
+        sender,
+    ]
+}
+
+fn admission(keys: &Fingerprinter, token: &str, verified: &Verified) -> Admission {
+    let mut admission = Admission::new()
+        .seal(keys.token_seal(token))
+        .tag(keys.token_tag(token));
     if let Some(subject) = &verified.subject {
         admission = admission.group(keys.subject_group(subject));
     }
@@ -1104,6 +1374,8 @@ struct Refusal {
     description: String,
     retry_after: bool,
     grpc: u8,
+    /// Sent before the request body was read: close the HTTP/1 connection.
+    closes: bool,
 }
 
 impl Refusal {
@@ -1119,8 +1391,13 @@ impl Refusal {
             description: description.clone(),
             retry_after,
             grpc,
+            closes: false,
         };
         if let Some(rejected) = error.downcast_ref::<Rejected>() {
+            let refusal = |status, error, retry_after, grpc| Refusal {
+                closes: rejected.closes_connection(),
+                ..refusal(status, error, retry_after, grpc)
+            };
             return match rejected.rejection() {
                 Rejection::MissingToken => refusal(
                     StatusCode::BAD_REQUEST,
@@ -1137,6 +1414,13 @@ impl Refusal {
                 Rejection::InvalidToken(_) | Rejection::Expired => {
                     refusal(invalid_grant, "invalid_grant", false, UNAUTHENTICATED)
                 }
+                // RFC 9449 §5: a token request with a bad proof.
+                Rejection::InvalidDpopProof(_) => refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_dpop_proof",
+                    false,
+                    UNAUTHENTICATED,
+                ),
                 _ => refusal(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
@@ -1195,6 +1479,9 @@ impl Refusal {
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.closes {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             // RFC 7235 §3.1: a 401 carries a challenge; RFC 6750 §3 gives its form.

@@ -16,7 +16,7 @@ use std::{
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::error::BoxError;
+use crate::error::{BoxError, BuildError};
 
 /// A 32-byte digest that names one entry of the table.
 ///
@@ -117,11 +117,14 @@ impl From<[u8; 32]> for Fingerprint {
 /// ```
 /// use tower_refresh_coalesce::Fingerprinter;
 ///
-/// let fp = Fingerprinter::new(b"deployment secret");
+/// let fp = Fingerprinter::new(b"a deployment secret of 32 bytes!")?;
 /// let a = fp.fingerprint("token", &[b"eyJ...", b"client-1"]);
 /// assert_eq!(a, fp.fingerprint("token", &[b"eyJ...", b"client-1"]));
 /// assert_ne!(a, fp.fingerprint("token", &[b"eyJ...", b"client-2"]));
-/// assert_ne!(a, Fingerprinter::new(b"another secret").fingerprint("token", &[b"eyJ...", b"client-1"]));
+/// let other = Fingerprinter::new(b"another deployment secret, 32 B.")?;
+/// assert_ne!(a, other.fingerprint("token", &[b"eyJ...", b"client-1"]));
+/// assert!(Fingerprinter::new(b"too short").is_err());
+/// # Ok::<(), tower_refresh_coalesce::error::BuildError>(())
 /// ```
 #[derive(Clone)]
 pub struct Fingerprinter {
@@ -129,11 +132,17 @@ pub struct Fingerprinter {
 }
 
 impl Fingerprinter {
-    /// A fingerprinter keyed with `secret`. Every instance of a deployment must use the same
-    /// secret for their keys to meet (in Redis, for example).
-    pub fn new(secret: impl AsRef<[u8]>) -> Self {
-        let mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_ref())
-            .expect("HMAC accepts keys of any length");
+    /// A fingerprinter keyed with `secret`, of at least [`MIN_SECRET_LEN`] bytes. Every
+    /// instance of a deployment must use the same secret for their keys to meet (in Redis,
+    /// for example).
+    pub fn new(secret: impl AsRef<[u8]>) -> Result<Self, BuildError> {
+        check_secret(secret.as_ref())?;
+        Ok(Self::keyed(secret.as_ref()))
+    }
+
+    fn keyed(secret: &[u8]) -> Self {
+        let mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC accepts keys of any length");
         Self { mac }
     }
 
@@ -142,7 +151,7 @@ impl Fingerprinter {
     /// Fingerprints then differ between processes, which is right for a single instance and
     /// wrong for several instances that coordinate through a shared store.
     pub fn random() -> Self {
-        Self::new(random_bytes::<32>())
+        Self::keyed(&random_bytes::<MIN_SECRET_LEN>())
     }
 
     /// The fingerprint of `parts` in `domain`.
@@ -157,24 +166,33 @@ impl Fingerprinter {
 }
 
 impl Fingerprinter {
-    /// The key of a refresh token presented by `client` (the Basic user or the form's
-    /// `client_id`, if any).
-    pub(crate) fn token_key(&self, token: &str, client: Option<&str>) -> Fingerprint {
-        let (bound, client) = match client {
-            Some(client) => (&b"1"[..], client.as_bytes()),
-            None => (&b"0"[..], &b""[..]),
-        };
-        self.fingerprint("refresh-token", &[token.as_bytes(), bound, client])
+    /// The key of a refresh token presented by `party`: everything else the inner service
+    /// authenticates (client id, client credential, sender constraint, integrator binding),
+    /// as length-prefixed parts.
+    pub(crate) fn token_key(&self, token: &str, party: &[&[u8]]) -> Fingerprint {
+        self.keyed_parts("refresh-token", token.as_bytes(), party)
     }
 
     /// The key of a subject's requests when matching by subject is opted into.
     #[cfg(feature = "http")]
-    pub(crate) fn subject_key(&self, subject: &str, client: Option<&str>) -> Fingerprint {
-        let (bound, client) = match client {
-            Some(client) => (&b"1"[..], client.as_bytes()),
-            None => (&b"0"[..], &b""[..]),
-        };
-        self.fingerprint("subject-key", &[subject.as_bytes(), bound, client])
+    pub(crate) fn subject_key(&self, subject: &str, party: &[&[u8]]) -> Fingerprint {
+        self.keyed_parts("subject-key", subject.as_bytes(), party)
+    }
+
+    fn keyed_parts(&self, domain: &str, head: &[u8], party: &[&[u8]]) -> Fingerprint {
+        let mut mac = self.mac.clone();
+        update_prefixed(&mut mac, domain.as_bytes());
+        update_prefixed(&mut mac, head);
+        for part in party {
+            update_prefixed(&mut mac, part);
+        }
+        Fingerprint(mac.finalize().into_bytes().into())
+    }
+
+    /// The tag of every entry of one token, whoever presented it, for
+    /// [`Handle::invalidate_token`](crate::Handle::invalidate_token).
+    pub(crate) fn token_tag(&self, token: &str) -> Fingerprint {
+        self.fingerprint("token", &[token.as_bytes()])
     }
 
     /// The group of a subject's entries.
@@ -187,6 +205,19 @@ impl Fingerprinter {
     pub(crate) fn token_seal(&self, token: &str) -> [u8; 32] {
         *self.fingerprint("seal", &[token.as_bytes()]).as_bytes()
     }
+}
+
+/// The shortest secret accepted for fingerprints and stores: 32 bytes.
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// Refuses a secret shorter than [`MIN_SECRET_LEN`].
+pub(crate) fn check_secret(secret: &[u8]) -> Result<(), BuildError> {
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(BuildError::new(
+            "secrets of fingerprints and stores must be at least 32 bytes",
+        ));
+    }
+    Ok(())
 }
 
 fn update_prefixed(mac: &mut Hmac<Sha256>, part: &[u8]) {
@@ -215,6 +246,7 @@ impl fmt::Debug for Fingerprinter {
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Admission {
     group: Option<Fingerprint>,
+    tag: Option<Fingerprint>,
     not_after: Option<SystemTime>,
     seal: Option<[u8; 32]>,
 }
@@ -223,6 +255,7 @@ impl fmt::Debug for Admission {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Admission")
             .field("group", &self.group)
+            .field("tag", &self.tag)
             .field("not_after", &self.not_after)
             .field("seal", &self.seal.map(|_| "<redacted>"))
             .finish()
@@ -241,6 +274,22 @@ impl Admission {
     pub fn group(mut self, group: Fingerprint) -> Self {
         self.group = Some(group);
         self
+    }
+
+    /// Gives the entry a second name that
+    /// [`Handle::invalidate_group`](crate::Handle::invalidate_group) reaches, without counting
+    /// it as a group: the HTTP front tags every entry of one token with the token's tag, so
+    /// that [`Handle::invalidate_token`](crate::Handle::invalidate_token) reaches the entries
+    /// of every client and sender that presented it.
+    #[must_use]
+    pub fn tag(mut self, tag: Fingerprint) -> Self {
+        self.tag = Some(tag);
+        self
+    }
+
+    /// The entry's second name, if any.
+    pub fn tag_key(&self) -> Option<&Fingerprint> {
+        self.tag.as_ref()
     }
 
     /// Refuses requests that match the entry after `not_after` (the token's `exp`).
@@ -327,7 +376,11 @@ pub trait Extract<Req> {
     fn extract(&self, request: Req) -> Self::Future;
 
     /// Verifies a request that is about to lead a flight. An error refuses it.
-    fn admit(&self, token: Self::Token) -> Result<Admission, BoxError>;
+    ///
+    /// `request` is the request the inner service will receive: an implementation may hand
+    /// the inner service what it verified there (the HTTP front puts a
+    /// [`RefreshGrant`](crate::http::RefreshGrant) in its extensions).
+    fn admit(&self, token: Self::Token, request: &mut Self::Request) -> Result<Admission, BoxError>;
 }
 
 impl<Req, K, F> Extract<Req> for F
@@ -351,7 +404,7 @@ where
         }))
     }
 
-    fn admit(&self, _token: ()) -> Result<Admission, BoxError> {
+    fn admit(&self, _token: (), _request: &mut Req) -> Result<Admission, BoxError> {
         Ok(Admission::new())
     }
 }

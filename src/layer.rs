@@ -5,6 +5,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower_layer::Layer;
 
 use crate::{
+    error::BuildError,
     flight::{Limits, Table},
     handle::Handle,
     key::Fingerprinter,
@@ -92,7 +93,9 @@ impl<X> RefreshCoalesceLayer<X> {
             max_entries: 100_000,
             max_waiters: 10_000,
             max_replays: None,
+            max_per_group: DEFAULT_MAX_PER_GROUP,
             keys: None,
+            check: None,
             store: None,
             breaker: (3, Duration::from_secs(5)),
         }
@@ -112,9 +115,11 @@ impl<V: crate::token::Verify>
         extract: crate::http::HttpExtract<V>,
     ) -> Builder<crate::http::HttpExtract<V>, crate::http::HttpShare> {
         let keys = extract.keys().clone();
+        let checked = extract.clone();
         let mut builder =
             RefreshCoalesceLayer::builder(extract).share(crate::http::HttpShare::new());
         builder.keys = Some(keys);
+        builder.check = Some(Box::new(move |with_store| checked.problems(with_store)));
         builder
     }
 }
@@ -170,10 +175,19 @@ pub struct Builder<X, P = CloneResponse> {
     max_entries: usize,
     max_waiters: usize,
     max_replays: Option<u32>,
+    max_per_group: u32,
     keys: Option<Fingerprinter>,
+    /// What the extract strategy demands of the configuration (given whether a store is
+    /// set), checked when the layer is built.
+    check: Option<Check>,
     store: Option<Arc<dyn Store>>,
     breaker: (u32, Duration),
 }
+
+type Check = Box<dyn FnOnce(bool) -> Result<(), BuildError> + Send>;
+
+/// The most live entries of one group (the HTTP front: one subject) by default.
+pub(crate) const DEFAULT_MAX_PER_GROUP: u32 = 32;
 
 impl<X, P> Builder<X, P> {
     /// How long a replayable result is replayed to later requests with the same key.
@@ -224,6 +238,17 @@ impl<X, P> Builder<X, P> {
         self
     }
 
+    /// The most live entries (flights and replays) of one group, which the HTTP front makes
+    /// one per token subject; a request that would add one more gets
+    /// [`Overloaded`](crate::error::Overloaded) at once (the HTTP front: `503` with
+    /// `Retry-After`), and only that subject is turned away: one account minting tokens
+    /// cannot fill the table for everyone. Default: 32.
+    #[must_use]
+    pub fn max_entries_per_group(mut self, max: u32) -> Self {
+        self.max_per_group = max.max(1);
+        self
+    }
+
     /// Coordinates flights and replays with the other instances of a deployment through
     /// `store` (a [`RedisStore`](crate::store::RedisStore), say). Default: none, each process
     /// coalesces on its own.
@@ -258,19 +283,41 @@ impl<X, P> Builder<X, P> {
             max_entries: self.max_entries,
             max_waiters: self.max_waiters,
             max_replays: self.max_replays,
+            max_per_group: self.max_per_group,
             keys: self.keys,
+            check: self.check,
             store: self.store,
             breaker: self.breaker,
         }
     }
 
     /// Builds the layer and its table.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration cannot be served safely: see [`try_build`](Self::try_build).
     pub fn build(self) -> RefreshCoalesceLayer<X, P> {
+        match self.try_build() {
+            Ok(layer) => layer,
+            Err(error) => panic!("RefreshCoalesceLayer: {error}"),
+        }
+    }
+
+    /// Builds the layer and its table, or says why the configuration cannot be served
+    /// safely: a fingerprint secret shorter than 32 bytes, a store without an explicit
+    /// fingerprint secret (instances would share nothing), or
+    /// [`match_by_subject`](crate::HttpExtract::match_by_subject) with a verifier that yields
+    /// no subjects or with a store.
+    pub fn try_build(self) -> Result<RefreshCoalesceLayer<X, P>, BuildError> {
+        if let Some(check) = self.check {
+            check(self.store.is_some())?;
+        }
         let table = Arc::new(Table::new(Limits {
             ttl: self.ttl,
             max_entries: self.max_entries,
             max_waiters: self.max_waiters,
             max_replays: self.max_replays,
+            max_per_group: self.max_per_group,
         }));
         let remote = self.store.map(|store| {
             // Other instances' invalidations reach this table.
@@ -292,7 +339,7 @@ impl<X, P> Builder<X, P> {
             let lease = self.hard_cap + Duration::from_secs(5);
             Arc::new(Remote::new(store, Breaker::new(failures, cool_down), lease))
         });
-        RefreshCoalesceLayer {
+        Ok(RefreshCoalesceLayer {
             core: Arc::new(Core {
                 extract: self.extract,
                 share: self.share,
@@ -302,7 +349,7 @@ impl<X, P> Builder<X, P> {
                 keys: self.keys,
                 remote,
             }),
-        }
+        })
     }
 }
 

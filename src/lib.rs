@@ -116,7 +116,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let verifier = JwtVerifier::hs256(b"token signing key").typ("refresh+jwt").build()?;
-//! let extract = HttpExtract::new(verifier).secret(b"fingerprint secret");
+//! let extract = HttpExtract::new(verifier).secret(b"a fingerprint secret of 32 bytes!");
 //! let layer = RefreshCoalesceLayer::http(extract).build();
 //! let handle = layer.handle(); // for logout: handle.invalidate_subject(sub)
 //!
@@ -181,7 +181,7 @@
 //!
 //! let client = redis::Client::open("redis://127.0.0.1:6379/")?;
 //! let store = RedisStore::builder(client, b"deployment secret").build()?;
-//! let layer = RefreshCoalesceLayer::http(HttpExtract::new(Opaque).secret(b"fingerprint secret"))
+//! let layer = RefreshCoalesceLayer::http(HttpExtract::new(Opaque).secret(b"a fingerprint secret of 32 bytes!"))
 //!     .store(store)
 //!     .build();
 //! # let _ = layer;
@@ -261,7 +261,7 @@ mod sync;
 pub use crate::{
     error::BoxError,
     handle::Handle,
-    key::{Admission, Extract, Extracted, Fingerprint, Fingerprinter},
+    key::{Admission, Extract, Extracted, Fingerprint, Fingerprinter, MIN_SECRET_LEN},
     layer::{Builder, RefreshCoalesceLayer},
     metrics::{Outcome, Stats},
     service::RefreshCoalesce,
@@ -272,6 +272,6 @@ pub use crate::{
 pub use crate::token::JwtVerifier;
 #[cfg(feature = "http")]
 pub use crate::{
-    http::{HttpExtract, HttpShare},
+    http::{HttpExtract, HttpShare, RefreshGrant},
     token::{Opaque, TokenSource, Verified, Verify},
 };

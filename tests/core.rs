@@ -506,7 +506,7 @@ impl Extract<(String, String)> for ByTokenInGroup {
         }))
     }
 
-    fn admit(&self, user: String) -> Result<Admission, BoxError> {
+    fn admit(&self, user: String, _request: &mut Self::Request) -> Result<Admission, BoxError> {
         Ok(Admission::new().group(Fingerprint::from(user)))
     }
 }

@@ -531,7 +531,7 @@ mod http_front {
         }
 
         fn invalidate(&self, token: usize) -> bool {
-            self.handle.invalidate_token(&minted()[token], None)
+            self.handle.invalidate_token(&minted()[token]) > 0
         }
 
         fn handle(&self) -> &Handle {
@@ -1504,7 +1504,7 @@ mod findings {
             }))
         }
 
-        fn admit(&self, n: u64) -> Result<Admission, BoxError> {
+        fn admit(&self, n: u64, _request: &mut u64) -> Result<Admission, BoxError> {
             let subject = if self.one_subject {
                 "one subject".to_owned()
             } else {

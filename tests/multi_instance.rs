@@ -545,7 +545,7 @@ async fn a_result_made_on_one_instance_is_replayed_on_another_until_the_token_is
     assert_eq!(b.stats().store_replayed, 1);
     assert_eq!(b.stats().entries, 1, "B keeps the replay locally");
 
-    assert!(a.handle.invalidate_token(&token, None));
+    assert_eq!(a.handle.invalidate_token(&token), 1);
 
     // The propagation is spawned: B's table is cleaned by its listener.
     fleet

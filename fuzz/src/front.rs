@@ -503,7 +503,7 @@ async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Ac
         }
         match &batch.invalidate {
             Some(Invalidate::Token(t)) => {
-                handle.invalidate_token(&t.text(), None);
+                handle.invalidate_token(&t.text());
             }
             Some(Invalidate::Subject(s)) => {
                 handle.invalidate_subject(&String::from_utf8_lossy(s.capped(64)));

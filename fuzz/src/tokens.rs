@@ -20,7 +20,7 @@ pub const SECRET: &[u8] = b"test signing secret, 32 bytes ok";
 /// The `typ` header of refresh tokens.
 pub const REFRESH_TYP: &str = "refresh+jwt";
 /// The fingerprint secret of the layer.
-pub const FINGERPRINT_SECRET: &[u8] = b"fuzz fingerprint secret";
+pub const FINGERPRINT_SECRET: &[u8] = b"fuzz fingerprint secret, 32 bytes";
 
 pub fn now() -> i64 {
     SystemTime::now()

@@ -9,12 +9,17 @@ use std::time::SystemTime;
 use crate::error::{Rejected, Rejection};
 
 #[cfg(feature = "jwt")]
+mod dpop;
+#[cfg(feature = "jwt")]
 mod jwt;
 pub(crate) mod source;
 
 #[cfg(feature = "jwt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub use self::jwt::{ConfigError, JwtVerifier, JwtVerifierBuilder, TokenType};
+#[cfg(feature = "jwt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
+pub use self::dpop::{DpopProof, DpopVerifier};
 pub use self::source::TokenSource;
 /// The `jsonwebtoken` crate, for [`DecodingKey`](jsonwebtoken::DecodingKey) and
 /// [`Algorithm`](jsonwebtoken::Algorithm) in [`JwtVerifier::builder`].
@@ -68,6 +73,13 @@ impl Verified {
 pub trait Verify: Send + Sync + 'static {
     /// Verifies `token`.
     fn verify(&self, token: &str) -> Result<Verified, Rejected>;
+
+    /// Whether verified tokens carry a subject. Default: `true`. A verifier that never
+    /// yields one ([`Opaque`]) cannot match by subject: the layer refuses to build with it
+    /// in [`match_by_subject`](crate::HttpExtract::match_by_subject) mode.
+    fn yields_subjects(&self) -> bool {
+        true
+    }
 }
 
 impl<F> Verify for F
@@ -91,6 +103,10 @@ impl Verify for Opaque {
     fn verify(&self, token: &str) -> Result<Verified, Rejected> {
         check_shape(token, DEFAULT_MAX_TOKEN_LEN)?;
         Ok(Verified::new())
+    }
+
+    fn yields_subjects(&self) -> bool {
+        false
     }
 }
 

@@ -105,13 +105,51 @@ pub(crate) fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
     )
 }
 
+/// How a client authenticated itself in one request (RFC 6749 §2.3, RFC 7523 §2.2).
+///
+/// Everything here goes into the request's key: two requests share an answer only if the
+/// inner service would authenticate both the same way.
+#[derive(Default, Clone, PartialEq, Eq)]
+pub(crate) struct Client {
+    /// The client id, from `Authorization: Basic` or a form or JSON `client_id`.
+    pub(crate) id: Option<String>,
+    /// The client's credential, if it sent one.
+    pub(crate) credential: Credential,
+}
+
+/// A client credential as it was presented.
+#[derive(Default, Clone, PartialEq, Eq)]
+pub(crate) enum Credential {
+    /// None: a public client (its token is its only credential).
+    #[default]
+    None,
+    /// A client secret, by Basic or as `client_secret`.
+    Secret(String),
+    /// A client assertion (RFC 7523): its type and the assertion itself.
+    Assertion { kind: String, assertion: String },
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let credential = match self.credential {
+            Credential::None => "none",
+            Credential::Secret(_) => "secret",
+            Credential::Assertion { .. } => "assertion",
+        };
+        f.debug_struct("Client")
+            .field("id", &self.id)
+            .field("credential", &credential)
+            .finish()
+    }
+}
+
 /// What the sources found in one request.
 #[derive(Default)]
 pub(crate) struct Found {
     /// The token, if any source held one.
     pub(crate) token: Option<String>,
-    /// The client binding: the Basic user or the form's `client_id`.
-    pub(crate) client: Option<String>,
+    /// The client and its authentication.
+    pub(crate) client: Client,
     /// The form named another grant type: not a refresh.
     pub(crate) other_grant: bool,
 }
@@ -140,17 +178,77 @@ impl Found {
         }
     }
 
-    fn client(&mut self, client: String) -> Result<(), Rejected> {
-        match &self.client {
+    fn client_id(&mut self, client: String) -> Result<(), Rejected> {
+        match &self.client.id {
             Some(existing) if *existing != client => {
                 Err(malformed("more than one client id in the request"))
             }
             Some(_) => Ok(()),
             None => {
-                self.client = Some(client);
+                self.client.id = Some(client);
                 Ok(())
             }
         }
+    }
+
+    /// RFC 6749 §2.3: a client must not use more than one authentication method in a request.
+    fn credential(&mut self, credential: Credential) -> Result<(), Rejected> {
+        if self.client.credential != Credential::None && self.client.credential != credential {
+            return Err(malformed("more than one client authentication in the request"));
+        }
+        self.client.credential = credential;
+        Ok(())
+    }
+
+    /// The client parameters of a form or JSON body.
+    fn client_params(&mut self, params: ClientParams) -> Result<(), Rejected> {
+        if let Some(id) = params.id.filter(|id| !id.is_empty()) {
+            self.client_id(id)?;
+        }
+        if let Some(secret) = params.secret {
+            self.credential(Credential::Secret(secret))?;
+        }
+        match (params.assertion_type, params.assertion) {
+            (None, None) => {}
+            (Some(kind), Some(assertion)) if !kind.is_empty() && !assertion.is_empty() => {
+                self.credential(Credential::Assertion { kind, assertion })?;
+            }
+            _ => {
+                return Err(malformed(
+                    "client_assertion and client_assertion_type go together",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The client parameters a form or JSON body may carry.
+#[derive(Default)]
+struct ClientParams {
+    id: Option<String>,
+    secret: Option<String>,
+    assertion_type: Option<String>,
+    assertion: Option<String>,
+}
+
+/// The body members that carry client authentication.
+const CLIENT_FIELDS: [&str; 4] = [
+    "client_id",
+    "client_secret",
+    "client_assertion_type",
+    "client_assertion",
+];
+
+impl ClientParams {
+    fn slot(&mut self, name: &str) -> Option<&mut Option<String>> {
+        Some(match name {
+            "client_id" => &mut self.id,
+            "client_secret" => &mut self.secret,
+            "client_assertion_type" => &mut self.assertion_type,
+            "client_assertion" => &mut self.assertion,
+            _ => return None,
+        })
     }
 }
 
@@ -166,8 +264,12 @@ pub(crate) fn find(
 ) -> Result<Found, Rejected> {
     let mut found = Found::default();
     let authorization = authorization(headers)?;
-    if let Some(Authorization::Basic(client)) = &authorization {
-        found.client(client.clone())?;
+    if let Some(Authorization::Basic { id, secret }) = &authorization {
+        found.client_id(id.clone())?;
+        found.credential(Credential::Secret(secret.clone()))?;
+    }
+    if let Some((body, BodyKind::Json)) = body {
+        json_body(body, sources, &mut found)?;
     }
     for source in sources {
         match source {
@@ -186,13 +288,8 @@ pub(crate) fn find(
                     found.token(token)?;
                 }
             }
-            TokenSource::Json(field) => {
-                if let Some((body, BodyKind::Json)) = body
-                    && let Some(token) = json_field(body, field)?
-                {
-                    found.token(token)?;
-                }
-            }
+            // Read with the whole JSON body, above.
+            TokenSource::Json(_) => {}
             TokenSource::Form => {
                 if let Some((body, BodyKind::Form)) = body {
                     form(body, &mut found)?;
@@ -205,7 +302,7 @@ pub(crate) fn find(
 
 enum Authorization {
     Bearer(String),
-    Basic(String),
+    Basic { id: String, secret: String },
     Other,
 }
 
@@ -228,25 +325,30 @@ fn authorization(headers: &HeaderMap) -> Result<Option<Authorization>, Rejected>
         }
         Ok(Some(Authorization::Bearer(credentials.to_owned())))
     } else if scheme.eq_ignore_ascii_case("basic") {
-        basic_user(credentials).map(|user| Some(Authorization::Basic(user)))
+        let (id, secret) = basic(credentials)?;
+        Ok(Some(Authorization::Basic { id, secret }))
     } else {
         Ok(Some(Authorization::Other))
     }
 }
 
-/// The client id of `Authorization: Basic` credentials: the user part, which RFC 6749
+/// The client id and secret of `Authorization: Basic` credentials, each of which RFC 6749
 /// §2.3.1 encodes with `application/x-www-form-urlencoded` before base64.
-fn basic_user(credentials: &str) -> Result<String, Rejected> {
+fn basic(credentials: &str) -> Result<(String, String), Rejected> {
     let invalid = || malformed("malformed basic credentials");
     let decoded = STANDARD.decode(credentials).map_err(|_| invalid())?;
     let decoded = String::from_utf8(decoded).map_err(|_| invalid())?;
-    let (user, _password) = decoded.split_once(':').ok_or_else(invalid)?;
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(&format!("u={user}")).map_err(|_| invalid())?;
-    match pairs.into_iter().next() {
-        Some((_, user)) if !user.is_empty() => Ok(user),
-        _ => Err(invalid()),
+    let (user, password) = decoded.split_once(':').ok_or_else(invalid)?;
+    let decode = |part: &str| -> Result<String, Rejected> {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(&format!("v={part}")).map_err(|_| invalid())?;
+        Ok(pairs.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+    };
+    let user = decode(user)?;
+    if user.is_empty() {
+        return Err(invalid());
     }
+    Ok((user, decode(password)?))
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Result<Option<String>, Rejected> {
@@ -291,28 +393,55 @@ fn visible(value: &HeaderValue) -> Option<&str> {
     value.to_str().ok().map(str::trim)
 }
 
-/// The string field `field` of a JSON object; a repeated field is refused (two parsers could
-/// otherwise pick different ones). The whole body must be JSON as RFC 8259 defines it (UTF-8,
-/// no lone surrogate escapes, numbers in range), as a strict parser behind the layer reads
-/// it: a body the layer accepts is one every parser accepts.
-fn json_field(body: &Bytes, field: &str) -> Result<Option<String>, Rejected> {
+/// The token fields of the configured JSON sources and the client parameters of a JSON
+/// object body. A repeated member among them is refused (two parsers could otherwise pick
+/// different ones), and so is one that is not a string. The whole body must be JSON as RFC
+/// 8259 defines it (UTF-8, no lone surrogate escapes, numbers in range), as a strict parser
+/// behind the layer reads it: a body the layer accepts is one every parser accepts.
+fn json_body(body: &Bytes, sources: &[TokenSource], found: &mut Found) -> Result<(), Rejected> {
+    let fields: Vec<&str> = sources
+        .iter()
+        .filter_map(|source| match source {
+            TokenSource::Json(field) => Some(field.as_str()),
+            _ => None,
+        })
+        .collect();
     let text = std::str::from_utf8(body).map_err(|_| malformed("the JSON body is not UTF-8"))?;
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let token = FieldSeed { field }
+    let members = FieldSeed { fields: &fields }
         .deserialize(&mut deserializer)
-        .map_err(|_| malformed("body is not a JSON object with a string token field"))?;
+        .map_err(|_| malformed("body is not a JSON object with string token and client members"))?;
     deserializer
         .end()
         .map_err(|_| malformed("trailing data after the JSON body"))?;
-    Ok(token)
+    let mut params = ClientParams::default();
+    for (name, value) in members {
+        if let Some(slot) = params.slot(name) {
+            *slot = Some(value);
+        } else if !value.is_empty() {
+            found.token(value)?;
+        }
+    }
+    found.client_params(params)
 }
 
+/// Reads the string members named `fields` or [`CLIENT_FIELDS`] of a JSON object.
 struct FieldSeed<'f> {
-    field: &'f str,
+    fields: &'f [&'f str],
 }
 
-impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
-    type Value = Option<String>;
+impl<'f> FieldSeed<'f> {
+    fn wanted(&self, key: &str) -> Option<&'f str> {
+        self.fields
+            .iter()
+            .chain(CLIENT_FIELDS.iter())
+            .find(|field| **field == key)
+            .copied()
+    }
+}
+
+impl<'de, 'f> DeserializeSeed<'de> for FieldSeed<'f> {
+    type Value = Vec<(&'f str, String)>;
 
     fn deserialize<D: de::Deserializer<'de>>(
         self,
@@ -322,26 +451,29 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for FieldSeed<'_> {
-    type Value = Option<String>;
+impl<'de, 'f> Visitor<'de> for FieldSeed<'f> {
+    type Value = Vec<(&'f str, String)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut token = None;
+        let mut members: Vec<(&'f str, String)> = Vec::new();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == self.field {
-                if token.is_some() {
-                    return Err(de::Error::custom("repeated token field"));
+            match self.wanted(&key) {
+                Some(name) => {
+                    if members.iter().any(|(seen, _)| *seen == name) {
+                        return Err(de::Error::custom("repeated member"));
+                    }
+                    members.push((name, map.next_value::<String>()?));
                 }
-                token = Some(map.next_value::<String>()?);
-            } else {
-                map.next_value::<Checked>()?;
+                None => {
+                    map.next_value::<Checked>()?;
+                }
             }
         }
-        Ok(token.filter(|t| !t.is_empty()))
+        Ok(members)
     }
 }
 
@@ -403,20 +535,23 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     }
 }
 
-/// An RFC 6749 §6 refresh request: `grant_type=refresh_token`, `refresh_token`, and an
-/// optional `client_id`. Parameters must not repeat (RFC 6749 §3.2).
+/// An RFC 6749 §6 refresh request: `grant_type=refresh_token`, `refresh_token`, and the
+/// client's `client_id`, `client_secret` or `client_assertion` (RFC 7523). Parameters must
+/// not repeat (RFC 6749 §3.2).
 fn form(body: &Bytes, found: &mut Found) -> Result<(), Rejected> {
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_bytes(body).map_err(|_| malformed("malformed form body"))?;
     let mut grant_type = None;
     let mut token = None;
-    let mut client = None;
+    let mut params = ClientParams::default();
     for (name, value) in pairs {
         let slot = match name.as_str() {
             "grant_type" => &mut grant_type,
             "refresh_token" => &mut token,
-            "client_id" => &mut client,
-            _ => continue,
+            other => match params.slot(other) {
+                Some(slot) => slot,
+                None => continue,
+            },
         };
         if slot.replace(value).is_some() {
             return Err(malformed("repeated form parameter"));
@@ -430,9 +565,7 @@ fn form(body: &Bytes, found: &mut Found) -> Result<(), Rejected> {
         }
         None => return Err(malformed("grant_type is missing")),
     }
-    if let Some(client) = client.filter(|c| !c.is_empty()) {
-        found.client(client)?;
-    }
+    found.client_params(params)?;
     if let Some(token) = token.filter(|t| !t.is_empty()) {
         found.token(token)?;
     }
@@ -455,11 +588,47 @@ mod tests {
     }
 
     #[test]
-    fn basic_user_is_form_decoded() {
-        let credentials = STANDARD.encode("my%20client:secret");
-        assert_eq!(basic_user(&credentials).unwrap(), "my client");
-        assert!(basic_user("not base64!").is_err());
-        assert!(basic_user(&STANDARD.encode("no-colon")).is_err());
+    fn basic_credentials_are_form_decoded() {
+        let credentials = STANDARD.encode("my%20client:s%3Acret");
+        assert_eq!(
+            basic(&credentials).unwrap(),
+            ("my client".to_owned(), "s:cret".to_owned())
+        );
+        assert!(basic("not base64!").is_err());
+        assert!(basic(&STANDARD.encode("no-colon")).is_err());
+    }
+
+    #[test]
+    fn client_authentication_is_read_from_basic_form_and_json() {
+        let sources = TokenSource::defaults();
+        let basic = format!("Basic {}", STANDARD.encode("app:pw"));
+        let found = find(&sources, &headers(&[("authorization", &basic)]), None).unwrap();
+        assert_eq!(found.client.id.as_deref(), Some("app"));
+        assert!(found.client.credential == Credential::Secret("pw".into()));
+
+        let body = Bytes::from_static(
+            b"grant_type=refresh_token&refresh_token=t&client_id=app&client_secret=pw",
+        );
+        let found = find(&sources, &HeaderMap::new(), Some((&body, BodyKind::Form))).unwrap();
+        assert_eq!(found.client.id.as_deref(), Some("app"));
+        assert!(found.client.credential == Credential::Secret("pw".into()));
+
+        let body = Bytes::from_static(
+            br#"{"refresh_token":"t","client_id":"app","client_assertion_type":"jwt-bearer","client_assertion":"a.b.c"}"#,
+        );
+        let found = find(&sources, &HeaderMap::new(), Some((&body, BodyKind::Json))).unwrap();
+        assert_eq!(found.client.id.as_deref(), Some("app"));
+        assert!(matches!(found.client.credential, Credential::Assertion { .. }));
+
+        let body = Bytes::from_static(b"grant_type=refresh_token&refresh_token=t&client_secret=x");
+        let two = find(
+            &sources,
+            &headers(&[("authorization", &basic)]),
+            Some((&body, BodyKind::Form)),
+        );
+        assert!(two.is_err(), "two authentication methods are refused");
+        let body = Bytes::from_static(br#"{"refresh_token":"t","client_secret":5}"#);
+        assert!(find(&sources, &HeaderMap::new(), Some((&body, BodyKind::Json))).is_err());
     }
 
     #[test]
@@ -470,30 +639,26 @@ mod tests {
         let basic = format!("Basic {}", STANDARD.encode("client-1:pw"));
         let found = find(&sources, &headers(&[("authorization", &basic)]), None).unwrap();
         assert_eq!(
-            (found.token, found.client.as_deref()),
+            (found.token, found.client.id.as_deref()),
             (None, Some("client-1"))
         );
     }
 
     #[test]
-    fn json_field_refuses_repeats_and_non_strings() {
-        let body = |s: &str| Bytes::from(s.to_owned());
+    fn json_bodies_refuse_repeats_and_non_strings() {
+        let token = |s: &'static str| {
+            let mut found = Found::default();
+            json_body(&Bytes::from_static(s.as_bytes()), &TokenSource::defaults(), &mut found)
+                .map(|()| found.token)
+        };
         assert_eq!(
-            json_field(&body(r#"{"refresh_token":"t","x":[1]}"#), "refresh_token")
-                .unwrap()
-                .as_deref(),
+            token(r#"{"refresh_token":"t","x":[1]}"#).unwrap().as_deref(),
             Some("t")
         );
-        assert!(
-            json_field(
-                &body(r#"{"refresh_token":"a","refresh_token":"b"}"#),
-                "refresh_token"
-            )
-            .is_err()
-        );
-        assert!(json_field(&body(r#"{"refresh_token":5}"#), "refresh_token").is_err());
-        assert!(json_field(&body(r#"["refresh_token"]"#), "refresh_token").is_err());
-        assert!(json_field(&body(r#"{"refresh_token":"t"} x"#), "refresh_token").is_err());
+        assert!(token(r#"{"refresh_token":"a","refresh_token":"b"}"#).is_err());
+        assert!(token(r#"{"refresh_token":5}"#).is_err());
+        assert!(token(r#"["refresh_token"]"#).is_err());
+        assert!(token(r#"{"refresh_token":"t"} x"#).is_err());
     }
 
     #[test]

@@ -482,7 +482,7 @@ pub fn app(config: Config) -> Result<App, AppError> {
         // A revoked family must never be replayed: drop the token's entry and every entry
         // of its subject.
         state.set_on_logout(move |event| {
-            handle.invalidate_token(&event.token, event.client_id.as_deref());
+            handle.invalidate_token(&event.token);
             handle.invalidate_subject(&event.subject);
         });
     }
