@@ -1097,6 +1097,9 @@ impl fmt::Display for Unshareable {
 
 impl std::error::Error for Unshareable {}
 
+/// The OAuth error code of a refused DPoP proof (RFC 9449 §5).
+const INVALID_DPOP_PROOF: &str = "invalid_dpop_proof";
+
 /// A refusal, before it is written as JSON or as a gRPC status.
 struct Refusal {
     status: StatusCode,
@@ -1137,6 +1140,19 @@ impl Refusal {
                 Rejection::InvalidToken(_) | Rejection::Expired => {
                     refusal(invalid_grant, "invalid_grant", false, UNAUTHENTICATED)
                 }
+                Rejection::InvalidDpopProof(_) => refusal(
+                    StatusCode::BAD_REQUEST,
+                    INVALID_DPOP_PROOF,
+                    false,
+                    UNAUTHENTICATED,
+                ),
+                // Like `Overloaded`: a bounded cache is full, a retry soon may pass.
+                Rejection::Unavailable(_) => refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    true,
+                    RESOURCE_EXHAUSTED,
+                ),
                 _ => refusal(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
@@ -1196,7 +1212,13 @@ impl Refusal {
         if self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if self.status == StatusCode::UNAUTHORIZED {
+        if self.error == INVALID_DPOP_PROOF {
+            // RFC 9449 §7.1's challenge, so that a client can tell a DPoP failure apart.
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"DPoP error="invalid_dpop_proof""#),
+            );
+        } else if self.status == StatusCode::UNAUTHORIZED {
             // RFC 7235 §3.1: a 401 carries a challenge; RFC 6750 §3 gives its form.
             headers.insert(
                 WWW_AUTHENTICATE,
