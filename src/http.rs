@@ -1364,3 +1364,35 @@ impl<B> fmt::Debug for ResponseBody<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    fn refusal(rejection: Rejection) -> Refusal {
+        let error = Rejected::new(rejection);
+        Refusal::of(&error, StatusCode::UNAUTHORIZED)
+    }
+
+    #[test]
+    fn an_invalid_dpop_proof_is_a_400_with_a_dpop_challenge() {
+        let refusal = refusal(Rejection::InvalidDpopProof("wrong typ"));
+        assert_eq!(refusal.grpc, 16);
+        let response = refusal.json::<()>();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            response.headers()[WWW_AUTHENTICATE],
+            r#"DPoP error="invalid_dpop_proof""#
+        );
+    }
+
+    #[test]
+    fn a_full_dpop_replay_cache_is_a_503_to_retry() {
+        let refusal = refusal(Rejection::Unavailable("dpop replay cache is full"));
+        assert_eq!(refusal.error, "temporarily_unavailable");
+        let response = refusal.json::<()>();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        assert!(response.headers().get(WWW_AUTHENTICATE).is_none());
+    }
+}

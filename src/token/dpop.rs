@@ -7,29 +7,24 @@
 //! integrator binds the tokens it issues (`cnf.jkt`).
 
 use std::{
-    borrow::Cow,
-    collections::{BTreeSet, HashSet},
+    collections::HashSet,
     error::Error,
     fmt,
     str::FromStr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use http::{
-    HeaderValue, Method, Uri,
-    request::Parts,
-    uri::{Authority, Scheme},
-};
+use http::{HeaderValue, Method, Uri, request::Parts};
 use jsonwebtoken::{
-    Algorithm, AlgorithmFamily, DecodingKey, Validation,
+    Algorithm, AlgorithmFamily, Validation,
     errors::{Error as JwtError, ErrorKind},
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
+use self::{htu::Origin, key::PublicKey, replay::JtiCache};
 use super::jwt::{ConfigError, numeric_date, self_test};
 use crate::error::{Rejected, Rejection};
 
@@ -53,12 +48,6 @@ const DEFAULT_ALGORITHMS: [Algorithm; 5] = [
     Algorithm::PS256,
     Algorithm::EdDSA,
 ];
-/// JWK members that only a private (or symmetric) key has (RFC 7518 §6.2.2, §6.3.2, §6.4;
-/// RFC 8037 §2).
-const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
-/// Bounds on an RSA modulus, in bytes: at least 2048 bits (RFC 7518 §3.3), at most 4096 so
-/// that a proof cannot make the server verify with a huge key.
-const RSA_MODULUS_LEN: std::ops::RangeInclusive<usize> = 256..=512;
 
 // Rejection reasons used in more than one place.
 const MALFORMED: &str = "malformed proof";
@@ -316,7 +305,9 @@ impl DpopVerifier {
             None => return Err(reject("missing htm")),
         }
         match claims.htu {
-            Some(Value::String(htu)) => self.check_htu(&htu, uri, host)?,
+            Some(Value::String(htu)) => {
+                htu::check(&htu, inner.origin.as_ref(), uri, host).map_err(reject)?;
+            }
             Some(_) => return Err(reject("invalid htu")),
             None => return Err(reject("missing htu")),
         }
@@ -346,40 +337,6 @@ impl DpopVerifier {
             algorithm: alg,
             issued_at: iat,
         })
-    }
-
-    fn check_htu(&self, htu: &str, uri: &Uri, host: Option<&HeaderValue>) -> Result<(), Rejected> {
-        let htu = Target::parse_htu(htu).ok_or_else(|| reject("invalid htu"))?;
-        let path = uri.path();
-        let request = if let Some(origin) = &self.inner.origin {
-            RequestTarget {
-                scheme: Some(&origin.scheme),
-                authority: Cow::Borrowed(&origin.authority),
-                path,
-            }
-        } else if let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) {
-            RequestTarget {
-                scheme: Some(scheme),
-                authority: Cow::Borrowed(authority),
-                path,
-            }
-        } else if let Some(authority) = host
-            .and_then(|host| Authority::try_from(host.as_bytes()).ok())
-            .filter(|authority| !authority.as_str().contains('@'))
-        {
-            RequestTarget {
-                scheme: None,
-                authority: Cow::Owned(authority),
-                path,
-            }
-        } else {
-            return Err(reject("request origin unknown"));
-        };
-        if htu.matches(&request) {
-            Ok(())
-        } else {
-            Err(reject(HTU_MISMATCH))
-        }
     }
 }
 
@@ -599,305 +556,9 @@ struct ProofClaims {
     iat: Option<Value>,
 }
 
-/// The public key of a proof, with the members RFC 7638 hashes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum PublicKey {
-    Ec {
-        crv: &'static str,
-        x: String,
-        y: String,
-    },
-    Rsa {
-        n: String,
-        e: String,
-    },
-    Okp {
-        crv: &'static str,
-        x: String,
-    },
-}
-
-impl PublicKey {
-    /// Reads the header's `jwk`: a public key of the type `alg` needs, with well-formed
-    /// members.
-    fn from_jwk(jwk: Option<&Value>, alg: Algorithm) -> Result<Self, Rejected> {
-        let jwk = match jwk {
-            Some(Value::Object(jwk)) => jwk,
-            Some(_) => return Err(reject(UNUSABLE_JWK)),
-            None => return Err(reject("missing jwk")),
-        };
-        if PRIVATE_MEMBERS.iter().any(|name| jwk.contains_key(*name)) {
-            return Err(reject(NOT_PUBLIC));
-        }
-        let member = |name: &str, len: &dyn Fn(usize) -> bool| -> Result<String, Rejected> {
-            let value = jwk
-                .get(name)
-                .and_then(Value::as_str)
-                .ok_or_else(|| reject(UNUSABLE_JWK))?;
-            match URL_SAFE_NO_PAD.decode(value) {
-                Ok(bytes) if len(bytes.len()) => Ok(value.to_owned()),
-                _ => Err(reject(UNUSABLE_JWK)),
-            }
-        };
-        let kty = jwk.get("kty").and_then(Value::as_str);
-        let crv = jwk.get("crv").and_then(Value::as_str);
-        let wrong_key = || Err(reject("jwk does not fit the algorithm"));
-        match alg {
-            Algorithm::ES256 | Algorithm::ES384 => {
-                let (want, coordinate_len) = if alg == Algorithm::ES256 {
-                    ("P-256", 32)
-                } else {
-                    ("P-384", 48)
-                };
-                if kty != Some("EC") || crv != Some(want) {
-                    return wrong_key();
-                }
-                Ok(Self::Ec {
-                    crv: want,
-                    x: member("x", &|len| len == coordinate_len)?,
-                    y: member("y", &|len| len == coordinate_len)?,
-                })
-            }
-            Algorithm::EdDSA => {
-                if kty != Some("OKP") || crv != Some("Ed25519") {
-                    return wrong_key();
-                }
-                Ok(Self::Okp {
-                    crv: "Ed25519",
-                    x: member("x", &|len| len == 32)?,
-                })
-            }
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err(reject(NOT_PUBLIC)),
-            // RS256, RS384, RS512, PS256, PS384, PS512.
-            _ => {
-                if kty != Some("RSA") {
-                    return wrong_key();
-                }
-                Ok(Self::Rsa {
-                    n: member("n", &|len| RSA_MODULUS_LEN.contains(&len))?,
-                    e: member("e", &|len| (1..=8).contains(&len))?,
-                })
-            }
-        }
-    }
-
-    fn decoding_key(&self) -> Result<DecodingKey, Rejected> {
-        match self {
-            Self::Ec { x, y, .. } => DecodingKey::from_ec_components(x, y),
-            Self::Rsa { n, e } => DecodingKey::from_rsa_components(n, e),
-            Self::Okp { x, .. } => DecodingKey::from_ed_components(x),
-        }
-        .map_err(|_| reject(UNUSABLE_JWK))
-    }
-
-    /// The RFC 7638 SHA-256 thumbprint: the required members only, in lexicographic order,
-    /// no whitespace.
-    ///
-    /// `jsonwebtoken`'s `Jwk::thumbprint` computes the same for these key types (the tests
-    /// compare them), but returns it base64url-encoded and does not escape the members;
-    /// here they are already checked to be base64url, and JSON-escaped all the same.
-    fn thumbprint(&self) -> [u8; 32] {
-        let string = |value: &str| serde_json::to_string(value).unwrap_or_default();
-        let canonical = match self {
-            Self::Ec { crv, x, y } => format!(
-                r#"{{"crv":{},"kty":"EC","x":{},"y":{}}}"#,
-                string(crv),
-                string(x),
-                string(y)
-            ),
-            Self::Rsa { n, e } => {
-                format!(r#"{{"e":{},"kty":"RSA","n":{}}}"#, string(e), string(n))
-            }
-            Self::Okp { crv, x } => {
-                format!(r#"{{"crv":{},"kty":"OKP","x":{}}}"#, string(crv), string(x))
-            }
-        };
-        Sha256::digest(canonical.as_bytes()).into()
-    }
-}
-
-/// The configured external origin, normalized.
-#[derive(Debug, Clone)]
-struct Origin {
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl Origin {
-    fn parse(origin: &str) -> Option<Self> {
-        let uri = Uri::try_from(origin).ok()?;
-        let scheme = web_scheme(uri.scheme()?)?;
-        let authority = uri.authority()?.clone();
-        let bare = matches!(uri.path(), "" | "/") && uri.query().is_none();
-        (bare && !authority.as_str().contains('@')).then_some(Self { scheme, authority })
-    }
-}
-
-/// `http` or `https`, as a [`Scheme`] that compares case-insensitively.
-fn web_scheme(scheme: &Scheme) -> Option<Scheme> {
-    let https = scheme.as_str().eq_ignore_ascii_case("https");
-    (https || scheme.as_str().eq_ignore_ascii_case("http"))
-        .then(|| if https { Scheme::HTTPS } else { Scheme::HTTP })
-}
-
-/// The `htu` of a proof: scheme, authority and path, without query and fragment.
-struct Target {
-    scheme: Scheme,
-    authority: Authority,
-    path: String,
-}
-
-/// What `htu` is compared with; `scheme` is `None` when only the `Host` header is known.
-struct RequestTarget<'a> {
-    scheme: Option<&'a Scheme>,
-    authority: Cow<'a, Authority>,
-    path: &'a str,
-}
-
-impl Target {
-    fn parse_htu(htu: &str) -> Option<Self> {
-        let without_fragment = htu.split('#').next().unwrap_or_default();
-        let uri = Uri::try_from(without_fragment).ok()?;
-        let scheme = web_scheme(uri.scheme()?)?;
-        let authority = uri.authority()?.clone();
-        if authority.as_str().contains('@') {
-            return None;
-        }
-        Some(Self {
-            scheme,
-            authority,
-            path: uri.path().to_owned(),
-        })
-    }
-
-    fn matches(&self, request: &RequestTarget<'_>) -> bool {
-        let scheme = match request.scheme {
-            Some(scheme) => match web_scheme(scheme) {
-                Some(scheme) if scheme == self.scheme => scheme,
-                _ => return false,
-            },
-            None => self.scheme.clone(),
-        };
-        normalize_authority(&self.authority, &self.scheme)
-            == normalize_authority(&request.authority, &scheme)
-            && normalize_path(&self.path) == normalize_path(request.path)
-    }
-}
-
-/// The host in lower case, and the port unless it is the scheme's default.
-fn normalize_authority(authority: &Authority, scheme: &Scheme) -> String {
-    let host = authority.host().to_ascii_lowercase();
-    let default = if *scheme == Scheme::HTTPS { 443 } else { 80 };
-    match authority.port_u16() {
-        Some(port) if port != default => format!("{host}:{port}"),
-        _ => host,
-    }
-}
-
-/// The path with percent-encoding normalized (RFC 3986 §6.2.2.1–2): hex digits upper-cased,
-/// unreserved characters decoded; an empty path is `/`.
-fn normalize_path(path: &str) -> Cow<'_, str> {
-    if path.is_empty() {
-        return Cow::Borrowed("/");
-    }
-    if !path.contains('%') {
-        return Cow::Borrowed(path);
-    }
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            Some(byte) => {
-                out.extend_from_slice(format!("%{byte:02X}").as_bytes());
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_owned()))
-}
-
-/// The `jti`s of accepted proofs, until their window is over.
-///
-/// Keys are SHA-256 of the key's thumbprint and the `jti` (fixed size, whatever the `jti`'s
-/// length); `by_expiry` orders them by the last second their proof could be accepted, so
-/// that pruning takes only the expired ones, in amortized logarithmic time.
-struct JtiCache {
-    max: usize,
-    state: Mutex<JtiState>,
-}
-
-#[derive(Default)]
-struct JtiState {
-    live: HashSet<[u8; 32]>,
-    by_expiry: BTreeSet<(u64, [u8; 32])>,
-}
-
-impl JtiCache {
-    fn new(max: usize) -> Self {
-        Self {
-            max,
-            state: Mutex::new(JtiState::default()),
-        }
-    }
-
-    /// Records `jti` of the key `thumbprint` until `expires_at` (inclusive), at `now`.
-    fn remember(
-        &self,
-        thumbprint: &[u8; 32],
-        jti: &str,
-        expires_at: u64,
-        now: u64,
-    ) -> Result<(), Rejected> {
-        let mut hasher = Sha256::new();
-        hasher.update(thumbprint);
-        hasher.update(jti.as_bytes());
-        let key: [u8; 32] = hasher.finalize().into();
-
-        // A panic elsewhere cannot leave the sets inconsistent: each is updated by one call.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(&(expiry, expired)) = state.by_expiry.first() {
-            if expiry >= now {
-                break;
-            }
-            state.by_expiry.pop_first();
-            state.live.remove(&expired);
-        }
-        if state.live.contains(&key) {
-            return Err(reject("replayed jti"));
-        }
-        if state.live.len() >= self.max {
-            return Err(Rejected::new(Rejection::Unavailable(
-                "dpop replay cache is full",
-            )));
-        }
-        state.live.insert(key);
-        state.by_expiry.insert((expires_at, key));
-        Ok(())
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .live
-            .len()
-    }
-}
+mod htu;
+mod key;
+mod replay;
 
 #[cfg(test)]
 #[path = "../../tests/support/dpop.rs"]
