@@ -148,11 +148,17 @@ impl Error for DpopConfigError {
 /// # Replay cache
 ///
 /// The cache holds at most [`max_jtis`](DpopVerifierBuilder::max_jtis) entries (100,000) of
-/// 32 bytes plus bookkeeping each (about 100 bytes). Entries leave once their window is over;
+/// 32 bytes plus bookkeeping (about 100 to 150 bytes each, some 15 MB at the default). An
+/// entry leaves once its window is over;
 /// still-valid entries are never evicted: when the cache is full of them, new proofs are
 /// refused with [`Rejection::Unavailable`] (`503 temporarily_unavailable` on the HTTP front)
 /// until some expire. The cache is per verifier: every clone shares it, but several
-/// instances of a server each have their own.
+/// instances of a server each have their own, so a proof can be replayed once against each
+/// instance within its window.
+///
+/// Not checked: `ath` (the access-token hash a resource server checks, RFC 9449 §4.3 step
+/// 12) and server-provided nonces (§8). Binding a refresh token to the thumbprint is the
+/// caller's job.
 ///
 /// Cloning is cheap (the configuration and cache are shared).
 ///

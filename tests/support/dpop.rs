@@ -3,6 +3,7 @@
 //!
 //! Also compiled into the unit tests of `src/token/dpop.rs`, so it uses only crates that the
 //! library itself depends on with the `jwt` feature.
+#![cfg(feature = "jwt")]
 #![allow(dead_code, unreachable_pub)]
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};

@@ -47,7 +47,8 @@ impl JtiCache {
         hasher.update(jti.as_bytes());
         let key: [u8; 32] = hasher.finalize().into();
 
-        // A panic elsewhere cannot leave the sets inconsistent: each is updated by one call.
+        // Nothing below panics between the updates of the two sets, so even a poisoned lock
+        // guards consistent sets.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(&(expiry, expired)) = state.by_expiry.first() {
             if expiry >= now {

@@ -441,6 +441,25 @@ fn a_duplicate_claim_is_refused() {
 }
 
 #[test]
+fn a_duplicate_header_member_is_refused() {
+    let jwk = ES256_A.public_jwk();
+    let header = format!(r#"{{"typ":"JWT","typ":"dpop+jwt","alg":"ES256","jwk":{jwk}}}"#);
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        encode(&claims("POST", HTU, NOW, "j1"))
+    );
+    let signature = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &ES256_A.encoding_key(),
+        Algorithm::ES256,
+    )
+    .unwrap();
+    let proof = format!("{message}.{signature}");
+    assert_eq!(reason(check(&verifier(), &proof)), MALFORMED);
+}
+
+#[test]
 fn malformed_or_oversized_proofs_are_refused_before_decoding() {
     let verifier = DpopVerifier::builder().max_proof_len(600).build().unwrap();
     assert_eq!(reason(check(&verifier, "")), "empty proof");
