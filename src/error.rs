@@ -262,8 +262,13 @@ pub enum Rejection {
     InvalidToken(&'static str),
     /// The token matched a live entry, but it has expired since (`401 invalid_grant`).
     Expired,
-    /// The request's DPoP proof (RFC 9449) failed its checks (`400 invalid_dpop_proof`).
+    /// The DPoP proof failed a check; the text names which (`400 invalid_dpop_proof`,
+    /// RFC 9449 §5).
     InvalidDpopProof(&'static str),
+    /// The request could not be checked now, for example because the DPoP replay cache is
+    /// full of proofs still in their window (`503 temporarily_unavailable`, with
+    /// `Retry-After`).
+    Unavailable(&'static str),
 }
 
 /// The layer refused a request before any coalescing; the inner service was not called.
@@ -323,7 +328,8 @@ impl fmt::Display for Rejected {
             Rejection::BodyTooLarge => f.write_str("request body too large"),
             Rejection::InvalidToken(why) => write!(f, "invalid refresh token: {why}"),
             Rejection::Expired => f.write_str("refresh token expired"),
-            Rejection::InvalidDpopProof(why) => write!(f, "invalid DPoP proof: {why}"),
+            Rejection::InvalidDpopProof(why) => write!(f, "invalid dpop proof: {why}"),
+            Rejection::Unavailable(why) => write!(f, "temporarily unavailable: {why}"),
         }
     }
 }

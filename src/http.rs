@@ -507,7 +507,7 @@ impl<V: Verify> ExtractConfig<V> {
         })?;
         #[cfg(feature = "jwt")]
         if let Some(verifier) = &self.dpop {
-            let checked = verifier.check_parts(proof, parts, std::time::SystemTime::now())?;
+            let checked = verifier.check_request(parts, std::time::SystemTime::now())?;
             return Ok(Sender::Key(*checked.thumbprint(), checked.thumbprint_b64()));
         }
         // No checker: key on the whole proof, so that no two proofs share an answer.
@@ -1367,6 +1367,9 @@ impl fmt::Display for Unshareable {
 
 impl std::error::Error for Unshareable {}
 
+/// The OAuth error code of a refused DPoP proof (RFC 9449 §5).
+const INVALID_DPOP_PROOF: &str = "invalid_dpop_proof";
+
 /// A refusal, before it is written as JSON or as a gRPC status.
 struct Refusal {
     status: StatusCode,
@@ -1414,12 +1417,18 @@ impl Refusal {
                 Rejection::InvalidToken(_) | Rejection::Expired => {
                     refusal(invalid_grant, "invalid_grant", false, UNAUTHENTICATED)
                 }
-                // RFC 9449 §5: a token request with a bad proof.
                 Rejection::InvalidDpopProof(_) => refusal(
                     StatusCode::BAD_REQUEST,
-                    "invalid_dpop_proof",
+                    INVALID_DPOP_PROOF,
                     false,
                     UNAUTHENTICATED,
+                ),
+                // Like `Overloaded`: a bounded cache is full, a retry soon may pass.
+                Rejection::Unavailable(_) => refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    true,
+                    RESOURCE_EXHAUSTED,
                 ),
                 _ => refusal(
                     StatusCode::BAD_REQUEST,
@@ -1483,7 +1492,13 @@ impl Refusal {
         if self.closes {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        if self.status == StatusCode::UNAUTHORIZED {
+        if self.error == INVALID_DPOP_PROOF {
+            // RFC 9449 §7.1's challenge, so that a client can tell a DPoP failure apart.
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"DPoP error="invalid_dpop_proof""#),
+            );
+        } else if self.status == StatusCode::UNAUTHORIZED {
             // RFC 7235 §3.1: a 401 carries a challenge; RFC 6750 §3 gives its form.
             headers.insert(
                 WWW_AUTHENTICATE,
@@ -1627,5 +1642,37 @@ impl<B> fmt::Debug for ResponseBody<B> {
             ResponseKind::Streaming { .. } => f.write_str("ResponseBody::Streaming"),
             ResponseKind::Rest { .. } => f.write_str("ResponseBody::Rest"),
         }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    fn refusal(rejection: Rejection) -> Refusal {
+        let error = Rejected::new(rejection);
+        Refusal::of(&error, StatusCode::UNAUTHORIZED)
+    }
+
+    #[test]
+    fn an_invalid_dpop_proof_is_a_400_with_a_dpop_challenge() {
+        let refusal = refusal(Rejection::InvalidDpopProof("wrong typ"));
+        assert_eq!(refusal.grpc, 16);
+        let response = refusal.json::<()>();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            response.headers()[WWW_AUTHENTICATE],
+            r#"DPoP error="invalid_dpop_proof""#
+        );
+    }
+
+    #[test]
+    fn a_full_dpop_replay_cache_is_a_503_to_retry() {
+        let refusal = refusal(Rejection::Unavailable("dpop replay cache is full"));
+        assert_eq!(refusal.error, "temporarily_unavailable");
+        let response = refusal.json::<()>();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        assert!(response.headers().get(WWW_AUTHENTICATE).is_none());
     }
 }

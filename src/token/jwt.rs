@@ -480,7 +480,7 @@ impl<'de> Visitor<'de> for ClaimsVisitor {
 }
 
 /// A NumericDate (RFC 7519 §2) as whole seconds; `None` unless a non-negative number.
-fn numeric_date(value: &serde_json::Value) -> Option<u64> {
+pub(super) fn numeric_date(value: &serde_json::Value) -> Option<u64> {
     let number = value.as_number()?;
     number.as_u64().or_else(|| {
         number
@@ -695,7 +695,7 @@ fn non_empty_set(
 ///
 /// With no crypto backend, or two unified in one build, jsonwebtoken compiles and panics on
 /// first use; the panic is caught here so that it becomes a `ConfigError` at build time.
-fn self_test() -> Result<(), ConfigError> {
+pub(super) fn self_test() -> Result<(), ConfigError> {
     const SECRET: &[u8] = b"tower-refresh-coalesce jwt self-test";
     const OTHER: &[u8] = b"tower-refresh-coalesce jwt self-test, other key";
 

@@ -2,7 +2,8 @@
 //!
 //! [`TokenSource`]s say where to look; a [`Verify`] implementation says whether
 //! a token may start a refresh: [`JwtVerifier`] for signed JWTs, [`Opaque`] for random
-//! strings whose judgement is left to the inner service.
+//! strings whose judgement is left to the inner service. [`DpopVerifier`] checks the DPoP
+//! proof (RFC 9449) that binds a request to the client's key.
 
 use std::time::SystemTime;
 
@@ -16,10 +17,10 @@ pub(crate) mod source;
 
 #[cfg(feature = "jwt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
-pub use self::jwt::{ConfigError, JwtVerifier, JwtVerifierBuilder, TokenType};
+pub use self::dpop::{DpopConfigError, DpopProof, DpopVerifier, DpopVerifierBuilder};
 #[cfg(feature = "jwt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
-pub use self::dpop::{DpopProof, DpopVerifier};
+pub use self::jwt::{ConfigError, JwtVerifier, JwtVerifierBuilder, TokenType};
 pub use self::source::TokenSource;
 /// The `jsonwebtoken` crate, for [`DecodingKey`](jsonwebtoken::DecodingKey) and
 /// [`Algorithm`](jsonwebtoken::Algorithm) in [`JwtVerifier::builder`].
