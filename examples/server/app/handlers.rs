@@ -314,12 +314,14 @@ impl ClientCredentials {
     ) -> Result<Self, ApiError> {
         let mut all_ids: Vec<String> = Vec::new();
         let mut all_secrets: Vec<String> = Vec::new();
-        if let Some((id, secret)) = basic {
-            all_ids.push(id);
-            all_secrets.push(secret);
-        }
-        all_ids.extend(ids.into_iter().filter(|c| !c.is_empty()));
-        all_secrets.extend(secrets.into_iter().filter(|s| !s.is_empty()));
+        let (basic_id, basic_secret) = basic.unzip();
+        all_ids.extend(basic_id.into_iter().chain(ids).filter(|c| !c.is_empty()));
+        all_secrets.extend(
+            basic_secret
+                .into_iter()
+                .chain(secrets)
+                .filter(|s| !s.is_empty()),
+        );
         let id = all_ids.first().cloned();
         if all_ids.iter().any(|c| Some(c) != id.as_ref()) {
             return Err(ApiError::invalid_request(

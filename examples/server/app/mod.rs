@@ -5,19 +5,30 @@
 //!
 //! | Route | Answer |
 //! | --- | --- |
-//! | `POST /auth/login` `{"username","password"}` (a form with the same fields also works) | `200 {"access_token","refresh_token","token_type":"Bearer","expires_in"}` (a new token family, refresh token also set as cookie); bad credentials `401 {"error":"invalid_credentials"}`; malformed body `400 {"error":"invalid_request"}` |
-//! | `POST /auth/refresh` | the same `200` shape with `Cache-Control: no-store`, `Pragma: no-cache` and `Set-Cookie: refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth`; no token `400 {"error":"invalid_request"}`; invalid, expired, revoked or reused token [`INVALID_GRANT_STATUS`] `{"error":"invalid_grant"}`; malformed `Authorization: Basic` `401 {"error":"invalid_client"}`; a form with another `grant_type` `400 {"error":"unsupported_grant_type"}` |
+//! | `POST /auth/login` `{"username","password"}` (a form with the same fields also works) | `200 {"access_token","refresh_token","token_type":"Bearer","expires_in"}` (a new token family, refresh token also set as cookie); bad credentials `401 {"error":"invalid_credentials"}`; a confidential client with a wrong or missing secret `401 {"error":"invalid_client"}`; malformed body `400 {"error":"invalid_request"}` |
+//! | `POST /auth/refresh` | the same `200` shape with `Cache-Control: no-store`, `Pragma: no-cache` and `Set-Cookie: refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth`; no token `400 {"error":"invalid_request"}`; invalid, expired, revoked or reused token [`INVALID_GRANT_STATUS`] `{"error":"invalid_grant"}`; malformed `Authorization: Basic`, or failed client authentication, `401 {"error":"invalid_client"}`; another client's token `invalid_grant`; a form with another `grant_type` `400 {"error":"unsupported_grant_type"}` |
 //! | `POST /auth/logout` | revokes the token's family: `200 {"status":"logged_out"}` (idempotent), invalid token `invalid_grant` |
 //! | `GET /api/me` | `Authorization: Bearer <access token>` -> `200 {"sub": ...}`; anything else `401 {"error":"invalid_token"}` |
 //! | `GET /metrics` | OpenMetrics text: `refresh_rotations_total`, `refresh_reuse_detected_total`, `refresh_requests_total{outcome}`, `login_requests_total{outcome}`, `logout_requests_total{outcome}` |
 //! | `GET /healthz` | `200 ok` |
 //!
 //! Refresh and logout take the token as JSON `{"refresh_token"}`, as an RFC 6749 §6 form
-//! (`grant_type=refresh_token&refresh_token=...`, optional `client_id` and `scope`), as the
+//! (`grant_type=refresh_token&refresh_token=...`, optional `client_id`, `client_secret` and
+//! `scope`), as the
 //! `refresh_token` cookie or as `Authorization: Bearer`. `Authorization: Basic` is client
 //! authentication (RFC 6749 §2.3.1), never a token. Different tokens in one request are
 //! refused with `invalid_request`. Every error is JSON `{"error", "error_description"}`;
 //! bodies over [`MAX_BODY_BYTES`] get `413`.
+//!
+//! Confidential clients (`--client ID:SECRET`, [`ClientSpec`]) authenticate by
+//! `Authorization: Basic` (id and secret form-urlencoded, RFC 6749 §2.3.1) or by
+//! `client_id` + `client_secret` in the body, at most one way per request. Login binds the
+//! new family to the confidential client it authenticated. Naming a confidential client
+//! with a wrong or missing secret, or presenting its family's token with no client at all,
+//! gets `401 {"error":"invalid_client"}` with `WWW-Authenticate: Basic`; another client
+//! gets `invalid_grant`. Both are decided before the token is consumed: they never rotate
+//! it, never count as reuse and never revoke the family. Other client ids are public
+//! clients: nothing is checked and nothing bound.
 //!
 //! Refresh tokens are HS256 JWTs (`typ: refresh+jwt`, claims `sub exp iat jti fam
 //! token_use`), stored only as their SHA-256. Each is single-use: rotation marks it

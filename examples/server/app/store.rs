@@ -575,3 +575,71 @@ fn revoke_family(
 fn to_i64(secs: u64) -> i64 {
     i64::try_from(secs).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_from_before_client_binding_gains_the_column_and_keeps_its_families() {
+        let path = std::env::temp_dir().join(format!("server-store-{}.db", crypto::random_id()));
+        {
+            // The families table as the first release created it.
+            let conn = Connection::open(&path).expect("create the file");
+            conn.execute_batch(
+                "CREATE TABLE families (id TEXT PRIMARY KEY, subject TEXT NOT NULL,
+                     revoked INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL,
+                     revoked_at INTEGER);
+                 INSERT INTO families (id, subject, created_at) VALUES ('old', 'demo', 1);",
+            )
+            .expect("the old schema");
+        }
+        for _ in 0..2 {
+            // Opening twice: the migration runs once and is then a no-op.
+            let store = Store::open(Some(&path)).expect("the old database opens");
+            assert_eq!(store.family_revoked("old").expect("query"), Some(false));
+            let bound: Option<String> = store
+                .lock()
+                .query_row(
+                    "SELECT client_id FROM families WHERE id = 'old'",
+                    [],
+                    |row| row.get(0),
+                )
+                .expect("the new column");
+            assert_eq!(bound, None, "an old family is a public client's");
+        }
+        let store = Store::open(Some(&path)).expect("reopens");
+        store
+            .create_family("new", "demo", Some("app"), "hash", u64::MAX / 2, 1)
+            .expect("a bound family");
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    #[test]
+    fn a_client_secret_is_checked_in_full_and_unknown_clients_are_public() {
+        let store = Store::open(None).expect("in memory");
+        store.put_client("app", "s3cret").expect("stored");
+        let check =
+            |id: &str, secret: Option<&str>| store.verify_client(id, secret).expect("query");
+        assert_eq!(check("app", Some("s3cret")), ClientCheck::Authenticated);
+        for wrong in [Some("s3cre"), Some("s3cret "), Some(""), None] {
+            assert_eq!(check("app", wrong), ClientCheck::Refused, "{wrong:?}");
+        }
+        assert_eq!(check("someone", None), ClientCheck::Public);
+        assert_eq!(check("someone", Some("anything")), ClientCheck::Public);
+        let stored: Vec<u8> = store
+            .lock()
+            .query_row(
+                "SELECT secret_hash FROM clients WHERE id = 'app'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("a row");
+        assert_ne!(stored, b"s3cret", "kept hashed");
+    }
+}
