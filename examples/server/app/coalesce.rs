@@ -43,7 +43,9 @@ fn redis_store(
     let client = redis::Client::open(url)?;
     let seal_secret = crypto::hmac_sha256(secret, b"redis-seal");
     let store = tower_refresh_coalesce::store::RedisStore::builder(client, seal_secret).build()?;
-    tracing::info!(url, "coordinating with other instances through redis");
+    // The URL may carry a password: log it redacted.
+    let url = super::redact_url(url);
+    tracing::info!(%url, "coordinating with other instances through redis");
     Ok(store)
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::crypto::token_hash;
 use super::metrics::METRICS_CONTENT_TYPE;
-use super::store::{Revocation, Rotation, StoreError};
+use super::store::{ClientCheck, Presenter, Revocation, Rotation, StoreError};
 use super::tokens::{IssuedPair, TokenError};
 use super::{
     AppState, INVALID_CREDENTIALS_STATUS, INVALID_GRANT_STATUS, LogoutEvent, REFRESH_COOKIE,
@@ -25,6 +25,10 @@ use super::{
 const MAX_USERNAME_LEN: usize = 256;
 /// Longest accepted password, in bytes.
 const MAX_PASSWORD_LEN: usize = 1024;
+/// Longest accepted client id, in bytes.
+pub const MAX_CLIENT_ID_LEN: usize = 256;
+/// Longest accepted client secret, in bytes.
+pub const MAX_CLIENT_SECRET_LEN: usize = 1024;
 
 // ---------------------------------------------------------------------------------------
 // Errors
@@ -77,14 +81,11 @@ impl ApiError {
         Self::new(INVALID_GRANT_STATUS, "invalid_grant", description)
     }
 
-    fn invalid_client() -> Self {
+    /// `401 invalid_client` with a `Basic` challenge (RFC 6749 §5.2).
+    fn invalid_client(description: &'static str) -> Self {
         Self {
             challenge: Some("Basic realm=\"auth\""),
-            ..Self::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "malformed Basic client authentication",
-            )
+            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_client", description)
         }
     }
 
@@ -291,7 +292,60 @@ enum Endpoint {
 /// A refresh token as presented, and the client that presented it if it said.
 struct Presented {
     token: String,
-    client_id: Option<String>,
+    client: ClientCredentials,
+}
+
+/// The client a request names and the secret it sends, by `Authorization: Basic` or as
+/// `client_id` / `client_secret` parameters. Nothing here is authenticated yet.
+#[derive(Default)]
+struct ClientCredentials {
+    id: Option<String>,
+    secret: Option<String>,
+}
+
+impl ClientCredentials {
+    /// Combines the `Authorization: Basic` pair with the body's parameters: one client id
+    /// (repeating the same one is fine) and at most one secret, since RFC 6749 §2.3 allows
+    /// one authentication method per request.
+    fn collect(
+        basic: Option<(String, String)>,
+        ids: impl IntoIterator<Item = String>,
+        secrets: impl IntoIterator<Item = String>,
+    ) -> Result<Self, ApiError> {
+        let mut all_ids: Vec<String> = Vec::new();
+        let mut all_secrets: Vec<String> = Vec::new();
+        let (basic_id, basic_secret) = basic.unzip();
+        all_ids.extend(basic_id.into_iter().chain(ids).filter(|c| !c.is_empty()));
+        all_secrets.extend(
+            basic_secret
+                .into_iter()
+                .chain(secrets)
+                .filter(|s| !s.is_empty()),
+        );
+        let id = all_ids.first().cloned();
+        if all_ids.iter().any(|c| Some(c) != id.as_ref()) {
+            return Err(ApiError::invalid_request(
+                "different client identifiers in one request",
+            ));
+        }
+        if all_secrets.len() > 1 {
+            return Err(ApiError::invalid_request(
+                "more than one client authentication method in one request",
+            ));
+        }
+        let secret = all_secrets.pop();
+        if id.is_none() && secret.is_some() {
+            return Err(ApiError::invalid_client("client_secret without client_id"));
+        }
+        if id.as_ref().is_some_and(|id| id.len() > MAX_CLIENT_ID_LEN)
+            || secret
+                .as_ref()
+                .is_some_and(|s| s.len() > MAX_CLIENT_SECRET_LEN)
+        {
+            return Err(ApiError::invalid_client("client id or secret is too long"));
+        }
+        Ok(Self { id, secret })
+    }
 }
 
 /// What the `Authorization` header carries.
@@ -299,7 +353,7 @@ enum Authorization {
     /// `Bearer <token>`: the token itself.
     Bearer(String),
     /// `Basic`: RFC 6749 §2.3.1 client authentication, never a token.
-    Basic { client_id: String },
+    Basic { client_id: String, secret: String },
 }
 
 fn authorization(headers: &HeaderMap) -> Result<Option<Authorization>, ApiError> {
@@ -324,8 +378,9 @@ fn authorization(headers: &HeaderMap) -> Result<Option<Authorization>, ApiError>
         }
         Ok(Some(Authorization::Bearer(rest.to_owned())))
     } else if scheme.eq_ignore_ascii_case("basic") {
-        let client_id = basic_client_id(rest).ok_or_else(ApiError::invalid_client)?;
-        Ok(Some(Authorization::Basic { client_id }))
+        let (client_id, secret) = basic_credentials(rest)
+            .ok_or_else(|| ApiError::invalid_client("malformed Basic client authentication"))?;
+        Ok(Some(Authorization::Basic { client_id, secret }))
     } else {
         Err(ApiError::invalid_request(
             "unsupported Authorization scheme",
@@ -333,17 +388,18 @@ fn authorization(headers: &HeaderMap) -> Result<Option<Authorization>, ApiError>
     }
 }
 
-/// The client id of `Basic base64(client_id ":" client_secret)`, where both parts are
-/// form-urlencoded first (RFC 6749 §2.3.1). The secret is not checked: the demo clients
-/// are public clients.
-fn basic_client_id(credentials: &str) -> Option<String> {
+/// The client id and secret of `Basic base64(client_id ":" client_secret)`, where both
+/// parts are form-urlencoded first (RFC 6749 §2.3.1). Checked later, by
+/// [`authenticate_client`].
+fn basic_credentials(credentials: &str) -> Option<(String, String)> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(credentials)
         .ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
-    let (id, _secret) = decoded.split_once(':')?;
+    let (id, secret) = decoded.split_once(':')?;
     let id = form_decode(id)?;
-    (!id.is_empty()).then_some(id)
+    let secret = form_decode(secret)?;
+    (!id.is_empty()).then_some((id, secret))
 }
 
 /// Decodes `application/x-www-form-urlencoded` text (`+` and `%XX`).
@@ -386,6 +442,8 @@ struct JsonTokenRequest {
     refresh_token: Option<String>,
     #[serde(default)]
     client_id: Option<String>,
+    #[serde(default)]
+    client_secret: Option<String>,
 }
 
 /// Finds the refresh token in the body (JSON `{"refresh_token"}` or an RFC 6749 §6 form),
@@ -401,10 +459,12 @@ fn presented_token(
 ) -> Result<Presented, ApiError> {
     let mut tokens: Vec<String> = Vec::new();
     let mut client_ids: Vec<String> = Vec::new();
+    let mut client_secrets: Vec<String> = Vec::new();
+    let mut basic = None;
 
     match authorization(headers)? {
         Some(Authorization::Bearer(token)) => tokens.push(token),
-        Some(Authorization::Basic { client_id }) => client_ids.push(client_id),
+        Some(Authorization::Basic { client_id, secret }) => basic = Some((client_id, secret)),
         None => {}
     }
     tokens.extend(cookie_tokens(headers));
@@ -416,6 +476,7 @@ fn presented_token(
                 .map_err(|_| ApiError::invalid_request("malformed JSON body"))?;
             tokens.extend(parsed.refresh_token);
             client_ids.extend(parsed.client_id);
+            client_secrets.extend(parsed.client_secret);
         }
         Some(BodyFormat::Form) => {
             let mut pairs = form_pairs(body)?;
@@ -441,12 +502,12 @@ fn presented_token(
             }
             tokens.extend(refresh_token);
             client_ids.extend(take_param(&mut pairs, "client_id"));
+            client_secrets.extend(take_param(&mut pairs, "client_secret"));
             // `scope` (RFC 6749 §6) is accepted and ignored: tokens here carry no scope.
         }
     }
 
     tokens.retain(|t| !t.is_empty());
-    client_ids.retain(|c| !c.is_empty());
     let Some(token) = tokens.first().cloned() else {
         return Err(ApiError::invalid_request("missing refresh token"));
     };
@@ -455,19 +516,41 @@ fn presented_token(
             "different refresh tokens in one request",
         ));
     }
-    let client_id = client_ids.first().cloned();
-    if client_ids.iter().any(|c| Some(c) != client_id.as_ref()) {
-        return Err(ApiError::invalid_request(
-            "different client identifiers in one request",
-        ));
+    let client = ClientCredentials::collect(basic, client_ids, client_secrets)?;
+    Ok(Presented { token, client })
+}
+
+/// Authenticates the client a request names (blocking: the secret check hashes).
+///
+/// No client named: [`Presenter::Anonymous`]. A client that is not registered: a public
+/// client, [`Presenter::Public`] (whatever secret it sends is ignored). A registered
+/// (confidential) client must send its secret, else `401 invalid_client`.
+fn authenticate_client(
+    state: &AppState,
+    client: &ClientCredentials,
+) -> Result<Presenter, ApiError> {
+    let Some(id) = &client.id else {
+        return Ok(Presenter::Anonymous);
+    };
+    match state.store().verify_client(id, client.secret.as_deref())? {
+        ClientCheck::Public => Ok(Presenter::Public),
+        ClientCheck::Authenticated => Ok(Presenter::Confidential(id.clone())),
+        ClientCheck::Refused => {
+            // The client id is caller input: logged with `?` (escaped), never with `%`.
+            tracing::info!(client = ?id, "client authentication failed");
+            Err(ApiError::invalid_client("client authentication failed"))
+        }
     }
-    Ok(Presented { token, client_id })
 }
 
 #[derive(Deserialize)]
 struct Credentials {
     username: String,
     password: String,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    client_secret: Option<String>,
 }
 
 fn credentials(headers: &HeaderMap, body: &[u8]) -> Result<Credentials, ApiError> {
@@ -516,27 +599,41 @@ async fn login_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body)?;
-    let Credentials { username, password } = credentials(headers, &body)?;
+    let basic = match authorization(headers)? {
+        Some(Authorization::Basic { client_id, secret }) => Some((client_id, secret)),
+        Some(Authorization::Bearer(_)) | None => None,
+    };
+    let Credentials {
+        username,
+        password,
+        client_id,
+        client_secret,
+    } = credentials(headers, &body)?;
+    let client = ClientCredentials::collect(basic, client_id, client_secret)?;
     let issued = blocking(state, move |state| {
+        // The client first (RFC 6749 §5.2: `invalid_client` before any grant error).
+        let presenter = authenticate_client(state, &client)?;
         if !state.store().verify_password(&username, &password)? {
             return Ok(Err(username));
         }
         let now = unix_now();
         let family = super::crypto::random_id();
         let pair = state.keys().issue_pair(&username, &family, now)?;
+        let bound = presenter.bound_client();
         state.store().create_family(
             &family,
             &username,
+            bound,
             &pair.refresh_hash,
             pair.refresh_expires_at,
             now,
         )?;
-        Ok(Ok((username, family, pair)))
+        Ok(Ok((username, family, bound.map(str::to_owned), pair)))
     })
     .await?;
     match issued {
-        Ok((subject, family, pair)) => {
-            tracing::info!(%subject, %family, "login: new token family");
+        Ok((subject, family, client, pair)) => {
+            tracing::info!(%subject, %family, ?client, "login: new token family");
             Ok(token_response(state, &pair))
         }
         Err(subject) => {
@@ -570,7 +667,11 @@ async fn refresh_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body)?;
-    let Presented { token, client_id } = presented_token(headers, &body, Endpoint::Refresh)?;
+    let Presented { token, client } = presented_token(headers, &body, Endpoint::Refresh)?;
+    // Client authentication is decided before anything touches the token: a request with
+    // a wrong secret never consumes it and never revokes its family.
+    let client_id = client.id.clone();
+    let presenter = blocking(state, move |state| authenticate_client(state, &client)).await?;
 
     let delay = state.config().refresh_delay_ms;
     if delay > 0 {
@@ -593,6 +694,7 @@ async fn refresh_inner(
             &presented_hash,
             &claims.fam,
             &claims.sub,
+            &presenter,
             &pair.refresh_hash,
             pair.refresh_expires_at,
             now,
@@ -624,6 +726,18 @@ async fn refresh_inner(
             Rotation::Unknown | Rotation::Conflict => {
                 Err(ApiError::invalid_grant("refresh token is not recognised"))
             }
+            Rotation::WrongClient => {
+                tracing::warn!(%subject, %family, ?client, "refresh refused: another client's token");
+                Err(ApiError::invalid_grant(
+                    "refresh token was issued to another client",
+                ))
+            }
+            Rotation::ClientRequired => {
+                tracing::warn!(%subject, %family, "refresh refused: client authentication required");
+                Err(ApiError::invalid_client(
+                    "this refresh token's client must authenticate",
+                ))
+            }
         }
     })
     .await
@@ -650,7 +764,9 @@ async fn logout_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body)?;
-    let Presented { token, client_id } = presented_token(headers, &body, Endpoint::Logout)?;
+    let Presented { token, client } = presented_token(headers, &body, Endpoint::Logout)?;
+    let client_id = client.id.clone();
+    let presenter = blocking(state, move |state| authenticate_client(state, &client)).await?;
     let now = unix_now();
     let claims = state
         .keys()
@@ -663,7 +779,7 @@ async fn logout_inner(
         let revocation =
             state
                 .store()
-                .revoke_family_of(&presented_hash, &claims.fam, &claims.sub, now)?;
+                .revoke_family_of(&presented_hash, &claims.fam, &claims.sub, &presenter, now)?;
         match revocation {
             Revocation::Revoked => {
                 tracing::info!(subject = %claims.sub, family = %claims.fam, "logout: family revoked");
@@ -676,6 +792,12 @@ async fn logout_inner(
                 Ok(())
             }
             Revocation::Unknown => Err(ApiError::invalid_grant("refresh token is not recognised")),
+            Revocation::WrongClient => Err(ApiError::invalid_grant(
+                "refresh token was issued to another client",
+            )),
+            Revocation::ClientRequired => Err(ApiError::invalid_client(
+                "this refresh token's client must authenticate",
+            )),
         }
     })
     .await?;

@@ -5,19 +5,30 @@
 //!
 //! | Route | Answer |
 //! | --- | --- |
-//! | `POST /auth/login` `{"username","password"}` (a form with the same fields also works) | `200 {"access_token","refresh_token","token_type":"Bearer","expires_in"}` (a new token family, refresh token also set as cookie); bad credentials `401 {"error":"invalid_credentials"}`; malformed body `400 {"error":"invalid_request"}` |
-//! | `POST /auth/refresh` | the same `200` shape with `Cache-Control: no-store`, `Pragma: no-cache` and `Set-Cookie: refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth`; no token `400 {"error":"invalid_request"}`; invalid, expired, revoked or reused token [`INVALID_GRANT_STATUS`] `{"error":"invalid_grant"}`; malformed `Authorization: Basic` `401 {"error":"invalid_client"}`; a form with another `grant_type` `400 {"error":"unsupported_grant_type"}` |
+//! | `POST /auth/login` `{"username","password"}` (a form with the same fields also works) | `200 {"access_token","refresh_token","token_type":"Bearer","expires_in"}` (a new token family, refresh token also set as cookie); bad credentials `401 {"error":"invalid_credentials"}`; a confidential client with a wrong or missing secret `401 {"error":"invalid_client"}`; malformed body `400 {"error":"invalid_request"}` |
+//! | `POST /auth/refresh` | the same `200` shape with `Cache-Control: no-store`, `Pragma: no-cache` and `Set-Cookie: refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth`; no token `400 {"error":"invalid_request"}`; invalid, expired, revoked or reused token [`INVALID_GRANT_STATUS`] `{"error":"invalid_grant"}`; malformed `Authorization: Basic`, or failed client authentication, `401 {"error":"invalid_client"}`; another client's token `invalid_grant`; a form with another `grant_type` `400 {"error":"unsupported_grant_type"}` |
 //! | `POST /auth/logout` | revokes the token's family: `200 {"status":"logged_out"}` (idempotent), invalid token `invalid_grant` |
 //! | `GET /api/me` | `Authorization: Bearer <access token>` -> `200 {"sub": ...}`; anything else `401 {"error":"invalid_token"}` |
 //! | `GET /metrics` | OpenMetrics text: `refresh_rotations_total`, `refresh_reuse_detected_total`, `refresh_requests_total{outcome}`, `login_requests_total{outcome}`, `logout_requests_total{outcome}` |
 //! | `GET /healthz` | `200 ok` |
 //!
 //! Refresh and logout take the token as JSON `{"refresh_token"}`, as an RFC 6749 §6 form
-//! (`grant_type=refresh_token&refresh_token=...`, optional `client_id` and `scope`), as the
+//! (`grant_type=refresh_token&refresh_token=...`, optional `client_id`, `client_secret` and
+//! `scope`), as the
 //! `refresh_token` cookie or as `Authorization: Bearer`. `Authorization: Basic` is client
 //! authentication (RFC 6749 §2.3.1), never a token. Different tokens in one request are
 //! refused with `invalid_request`. Every error is JSON `{"error", "error_description"}`;
 //! bodies over [`MAX_BODY_BYTES`] get `413`.
+//!
+//! Confidential clients (`--client ID:SECRET`, [`ClientSpec`]) authenticate by
+//! `Authorization: Basic` (id and secret form-urlencoded, RFC 6749 §2.3.1) or by
+//! `client_id` + `client_secret` in the body, at most one way per request. Login binds the
+//! new family to the confidential client it authenticated. Naming a confidential client
+//! with a wrong or missing secret, or presenting its family's token with no client at all,
+//! gets `401 {"error":"invalid_client"}` with `WWW-Authenticate: Basic`; another client
+//! gets `invalid_grant`. Both are decided before the token is consumed: they never rotate
+//! it, never count as reuse and never revoke the family. Other client ids are public
+//! clients: nothing is checked and nothing bound.
 //!
 //! Refresh tokens are HS256 JWTs (`typ: refresh+jwt`, claims `sub exp iat jti fam
 //! token_use`), stored only as their SHA-256. Each is single-use: rotation marks it
@@ -89,6 +100,11 @@ pub struct Config {
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
     pub users: Vec<UserSpec>,
 
+    /// Add a confidential client (repeatable); it must authenticate with its secret.
+    /// Clients not named are public
+    #[arg(long = "client", value_name = "ID:SECRET")]
+    pub clients: Vec<ClientSpec>,
+
     /// Seconds a refresh response is replayed to late retries of the same token
     #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = parse_secs)]
     pub ttl: f64,
@@ -135,6 +151,7 @@ impl Default for Config {
             addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
             db: None,
             users: Vec::new(),
+            clients: Vec::new(),
             ttl: 30.0,
             wait_timeout: 10.0,
             refresh_delay_ms: 0,
@@ -153,12 +170,13 @@ impl std::fmt::Debug for Config {
             .field("addr", &self.addr)
             .field("db", &self.db)
             .field("users", &self.users)
+            .field("clients", &self.clients)
             .field("ttl", &self.ttl)
             .field("wait_timeout", &self.wait_timeout)
             .field("refresh_delay_ms", &self.refresh_delay_ms)
             .field("no_coalesce", &self.no_coalesce)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .field("redis", &self.redis)
+            .field("redis", &self.redis.as_deref().map(redact_url))
             .field("access_ttl", &self.access_ttl)
             .field("refresh_ttl", &self.refresh_ttl)
             .finish()
@@ -186,6 +204,9 @@ impl Config {
         }
         for user in &self.users {
             user.validate().map_err(AppError::Config)?;
+        }
+        for client in &self.clients {
+            client.validate().map_err(AppError::Config)?;
         }
         if self.secret.as_deref() == Some("") {
             return Err(AppError::Config("the secret must not be empty".into()));
@@ -261,6 +282,99 @@ impl std::fmt::Debug for UserSpec {
             .field("password", &"<redacted>")
             .finish()
     }
+}
+
+/// A `--client ID:SECRET` entry: a confidential client. The secret may contain `:`; the
+/// id may not.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSpec {
+    /// Client id (`client_id`, or the user part of `Authorization: Basic`).
+    pub id: String,
+    /// Plain-text client secret; hashed with a random salt before it is stored.
+    pub secret: String,
+}
+
+impl ClientSpec {
+    fn validate(&self) -> Result<(), String> {
+        if self.id.is_empty()
+            || self.id.len() > handlers::MAX_CLIENT_ID_LEN
+            || self.id.contains(':')
+        {
+            return Err(format!(
+                "client id `{}` must be 1 to {} bytes without `:`",
+                self.id,
+                handlers::MAX_CLIENT_ID_LEN
+            ));
+        }
+        if self.secret.is_empty() || self.secret.len() > handlers::MAX_CLIENT_SECRET_LEN {
+            return Err(format!(
+                "client `{}` needs a secret of 1 to {} bytes",
+                self.id,
+                handlers::MAX_CLIENT_SECRET_LEN
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for ClientSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (id, secret) = text
+            .split_once(':')
+            .ok_or_else(|| "expected ID:SECRET".to_owned())?;
+        let spec = Self {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+impl std::fmt::Debug for ClientSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSpec")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `url` with its credentials replaced by `<redacted>`: the user information
+/// (`redis://user:pass@host/` becomes `redis://<redacted>@host/`) and the value of a
+/// `pass`, `password`, `user` or `username` query parameter
+/// (`redis+unix:///run/redis.sock?pass=...`).
+/// For logs and `Debug` output; the real URL is only handed to the Redis client.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, after)) = url.split_once("://") else {
+        // Not a URL we understand: it may be anything, so show none of it.
+        return "<redacted>".to_owned();
+    };
+    // The last `@` ends the user information even when an unescaped password holds `/`,
+    // `?` or `@`: redacting too much is fine, too little is not.
+    let after = match after.rsplit_once('@') {
+        Some((_userinfo, host)) => format!("<redacted>@{host}"),
+        None => after.to_owned(),
+    };
+    let Some((base, query)) = after.split_once('?') else {
+        return format!("{scheme}://{after}");
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _))
+                if ["pass", "password", "user", "username"]
+                    .iter()
+                    .any(|k| key.eq_ignore_ascii_case(k)) =>
+            {
+                format!("{key}=<redacted>")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{base}?{}", query.join("&"))
 }
 
 /// Why [`app`] could not start.
@@ -452,6 +566,9 @@ pub fn app(config: Config) -> Result<App, AppError> {
     for user in &config.users {
         store.put_user(&user.name, &user.password, true)?;
     }
+    for client in &config.clients {
+        store.put_client(&client.id, &client.secret)?;
+    }
     let keys = TokenKeys::from_secret(&secret, config.access_ttl, config.refresh_ttl);
     let coalesce = if config.no_coalesce {
         None
@@ -462,6 +579,7 @@ pub fn app(config: Config) -> Result<App, AppError> {
         db = %config.db.as_deref().map_or("<memory>".into(), |p| p.display().to_string()),
         secret = secret_source,
         users = config.users.len() + 1,
+        confidential_clients = config.clients.len(),
         "token store ready"
     );
     let state = AppState {
@@ -523,4 +641,40 @@ pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls_lose_their_credentials_in_logs() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379/", "redis://127.0.0.1:6379/"),
+            (
+                "redis://user:pass@host:6379/0",
+                "redis://<redacted>@host:6379/0",
+            ),
+            ("rediss://:p@ss/w?rd@host/", "rediss://<redacted>@host/"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=hunter2",
+                "redis+unix:///run/redis.sock?db=1&pass=<redacted>",
+            ),
+            ("user:pass@host", "<redacted>"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        let config = Config {
+            redis: Some("redis://admin:hunter2@cache:6379/".into()),
+            clients: vec!["app:s3cret".parse().expect("a valid client")],
+            ..Config::default()
+        };
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("admin"),
+            "{debug}"
+        );
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("app"), "{debug}");
+    }
 }
