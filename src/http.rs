@@ -885,6 +885,11 @@ fn default_replay_if(
     status.is_success() && grpc_ok
 }
 
+/// Whether a response asks for a (new) DPoP nonce: an error carrying `DPoP-Nonce`.
+fn is_nonce_challenge(status: StatusCode, headers: &HeaderMap) -> bool {
+    !status.is_success() && headers.contains_key("dpop-nonce")
+}
+
 /// A response read to its end and kept compact, as it lives for the whole replay window:
 /// headers and trailers packed in one allocation each, the body at its exact size.
 struct Buffered {
@@ -915,7 +920,9 @@ impl Buffered {
             headers: packed,
             body,
             trailers: trailers.map(|trailers| Box::new(wire::Packed::pack(trailers))),
-            replayable: replay_if(status, headers, trailers),
+            // RFC 9449 §8: a nonce challenge answers one proof; replaying it would hand a
+            // stale nonce to the next one, whatever the policy says.
+            replayable: replay_if(status, headers, trailers) && !is_nonce_challenge(status, headers),
         }
     }
 }
