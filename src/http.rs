@@ -1145,6 +1145,14 @@ impl Refusal {
                 ),
             };
         }
+        // The flight was invalidated (logout, password change) while it ran: its result is
+        // revoked, which to its callers is what the token server would say of the token.
+        if error
+            .downcast_ref::<LeaderFailed>()
+            .is_some_and(|failed| failed.failure() == Failure::Revoked)
+        {
+            return refusal(invalid_grant, "invalid_grant", false, UNAUTHENTICATED);
+        }
         // A follower's flight gave up on another instance's leader: to its callers, that is
         // the wait timing out, whenever they joined.
         let remote_timeout = error
