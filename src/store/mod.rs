@@ -824,12 +824,13 @@ impl Breaker {
 
 /// What a flight does after asking the store.
 pub(crate) enum Plan {
-    /// Call the inner service and keep the result in this process (no store, the breaker is
-    /// open, or the store failed before any lock was taken).
+    /// Call the inner service and keep the result in this process (no store, or the
+    /// breaker is open).
     Local,
     /// Call the inner service and store the result under this fence, if the generations
-    /// it started under are still current. `None`: the election failed, so the generations
-    /// are unknown and nothing is stored (the lock, if it was taken, is released).
+    /// it started under are still current. `None`: the election or the read of the group's
+    /// generation failed, so the generations are unknown and nothing is stored (the lock, if
+    /// it was taken, is released).
     Lead(Fence, Option<Generations>),
     /// Wait for the result of the flight fenced so, elected under these generations; never
     /// call the inner service.
@@ -955,18 +956,21 @@ impl Remote {
         if !self.breaker.allows() {
             return Plan::Local;
         }
+        // `None` inside: the read failed, the generation is unknown.
         let group = match group {
             None => None,
             Some(group) => {
                 let read = self.store.group_generation(group, life).await;
-                match self.record(read, counters) {
-                    Some(generation) => Some((*group, generation)),
-                    // No lock taken yet: nobody follows this flight.
-                    None => return Plan::Local,
-                }
+                Some((*group, self.record(read, counters)))
             }
         };
-        let generations = |key| Generations { key, group };
+        // A follower compares what it reads with the group's current generation, never
+        // with this one; a leader without it must not store (see `Plan::Lead`).
+        let known = group.is_none_or(|(_, generation)| generation.is_some());
+        let generations = |key| Generations {
+            key,
+            group: group.map(|(group, generation)| (group, generation.unwrap_or(0))),
+        };
         let fence = Fence::random();
         // One retry: an election is idempotent for its fence, so a first attempt that timed
         // out after Redis took the lock for us reports a win the second time.
@@ -981,7 +985,7 @@ impl Remote {
             Ok(Election::Won { generation }) => {
                 self.record(Ok(()), counters);
                 StoreCounters::add(&counters.won, "won");
-                Plan::Lead(fence, Some(generations(generation)))
+                Plan::Lead(fence, known.then(|| generations(generation)))
             }
             Ok(Election::Lost { leader, generation }) => {
                 self.record(Ok(()), counters);

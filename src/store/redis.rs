@@ -1,17 +1,30 @@
 //! [`RedisStore`]: the coordination protocol on Redis.
 //!
-//! Keys, all with the fingerprint as a hash tag so that one key's lock, result and channel
-//! map to one cluster slot, and all with a TTL:
+//! Keys, all with the fingerprint as a hash tag so that one key's lock, result, generation
+//! and channel map to one cluster slot (every script touches one slot only), and all with a
+//! TTL:
 //!
 //! | name | value | life |
 //! |---|---|---|
 //! | `{prefix}:{fp}:lock` | the leader's random fence | the lease (longer than the hard cap) |
 //! | `{prefix}:{fp}:res` | the sealed replay | the replay TTL |
-//! | `{prefix}:{fp}:out:{fence}` | the sealed outcome of one flight (not a replay) | the wait timeout |
+//! | `{prefix}:{fp}:out:{fence}` | the sealed outcome of one flight (not a replay), or `revoked` if its result was revoked | the wait timeout (`revoked`: the replay TTL) |
+//! | `{prefix}:{fp}:gen` | the key's generation (`INCR` by each invalidation) | at least the replay TTL + lease + 5 s from the invalidation; kept at least the lease by each election and the replay TTL by each stored replay |
 //! | `{prefix}:{group}:members` | fingerprints of a group's replays | the replay TTL |
+//! | `{prefix}:{group}:gen` | the group's generation (`INCR` by each group invalidation) | as the key's; kept that long by each flight that reads it |
+//!
+//! A missing generation is 0. An invalidation of a key bumps `gen` and deletes `res` in one
+//! script; the election reads `gen` in the script that takes the lock, and the completion
+//! stores only if it is unchanged (else it leaves `revoked` in `out`, releases the lock and
+//! announces it). A group's keys live in other slots than the group, so its generation is
+//! read with a separate command: at the start of the flight, again after a replay is stored
+//! and added to `members` (withdrawing it if the group moved), and after every value read.
+//! Sealed values bind their absolute expiry and both generations (see `seal.rs`), and are
+//! refused once either generation moved or the expiry passed, whatever Redis still holds.
 //!
 //! Completion is announced on `{prefix}:{fp}:done` (the message is the fence and the kind,
-//! never a token), invalidations on `{prefix}:invalidate`. Each instance holds **one**
+//! never a token; an invalidation of the key announces itself there too, so that followers
+//! learn at once), invalidations on `{prefix}:invalidate`. Each instance holds **one**
 //! pub/sub connection, pattern-subscribed to every completion channel, and dispatches
 //! messages to its local waiters; waiters also poll, so a lost message costs at most one
 //! poll interval.
