@@ -1350,3 +1350,28 @@ impl<B> fmt::Debug for ResponseBody<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_flight_is_refused_as_invalid_grant_and_unauthenticated() {
+        let revoked = LeaderFailed::new(Failure::Revoked);
+        let refusal = Refusal::of(&revoked, StatusCode::UNAUTHORIZED);
+        assert_eq!(refusal.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(refusal.error, "invalid_grant");
+        assert_eq!(refusal.grpc, 16, "UNAUTHENTICATED");
+        assert!(!refusal.retry_after);
+        assert_eq!(
+            refusal.description,
+            "coalesced call was revoked by an invalidation while it ran"
+        );
+        let configured = Refusal::of(&revoked, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            configured.status,
+            StatusCode::BAD_REQUEST,
+            "the configured status"
+        );
+    }
+}
