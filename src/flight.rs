@@ -1061,10 +1061,17 @@ mod loom_tests {
                         assert!(removed || replay.is_none());
                         assert!(matches!(table.find(&k), Ok(Found::Vacant)));
                         observe(&table, 1, 1);
+                        removed
                     })
                 };
-                task.join().unwrap();
-                invalidator.join().unwrap();
+                let own = task.join().unwrap();
+                let removed = invalidator.join().unwrap();
+                // A flight that found its entry gone was removed by the invalidation (and
+                // refuses its callers); one that completed first kept its entry.
+                assert!(
+                    own || removed,
+                    "only an invalidation takes a flight's entry"
+                );
                 assert!(matches!(table.find(&k), Ok(Found::Vacant)));
                 assert_empty(&table);
                 drop(waiter);
