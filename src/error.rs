@@ -157,12 +157,17 @@ pub enum Failure {
     /// timeout. This instance never calls the inner service for it; a retry is answered by
     /// the result once it is stored, or elects a new leader once the lease is over.
     RemoteTimeout,
+    /// The key (or its group) was invalidated while the call ran, on this instance or on
+    /// another: its result is revoked, so it reaches no caller and is never replayed. The
+    /// HTTP front answers `invalid_grant`.
+    Revoked,
 }
 
 /// The leader's call of the inner service failed without producing a result.
 ///
 /// Every caller of the flight receives this error; nothing is replayed and the next request
-/// for the key leads a new flight.
+/// for the key leads a new flight. [`Failure::Revoked`] is the one failure of a call that
+/// may have succeeded: its result was revoked by an invalidation while it ran.
 ///
 /// ```
 /// # use tower_refresh_coalesce::{error::{Failure, LeaderFailed}, BoxError};
@@ -197,6 +202,9 @@ impl fmt::Display for LeaderFailed {
             }
             Failure::Incompatible => {
                 f.write_str("coalesced call was made by a service with another response type")
+            }
+            Failure::Revoked => {
+                f.write_str("coalesced call was revoked by an invalidation while it ran")
             }
         }
     }

@@ -11,7 +11,8 @@
 //!   can never both lead for one key.
 //! - Only the flight's own task turns its entry into a replay or removes it, and only if the
 //!   entry still carries the flight's id: an invalidated (removed) flight never comes back as
-//!   a replay, and a finished flight never removes a newer entry for the same key.
+//!   a replay (and its task learns so, to refuse its callers), and a finished flight never
+//!   removes a newer entry for the same key.
 //! - The task's [`FlightGuard`] removes the entry if the task ends without completing
 //!   (panic, hard cap, runtime shutdown), so a key is never stuck behind a dead flight.
 //! - `len` counts the entries and the places of entries being inserted. A leader takes its
@@ -548,16 +549,18 @@ impl Table {
             .is_ok()
     }
 
-    /// Ends flight `id` of `key`: keeps `replay` for its TTL, or removes the entry.
-    fn finish(&self, key: &Fingerprint, id: u64, replay: Option<(Value, Duration)>) {
+    /// Ends flight `id` of `key`: keeps `replay` for its TTL, or removes the entry. Returns
+    /// whether the entry was still the flight's: `false` once an invalidation removed it.
+    fn finish(&self, key: &Fingerprint, id: u64, replay: Option<(Value, Duration)>) -> bool {
         let key = Slot::of(key);
         let mut shard = self.shard(key);
         // Under the lock, as the increment in `lead`: the task may run before `lead` returns,
         // and decrementing first would show `usize::MAX` flights until the increment.
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let Some(entry) = shard.get_mut(&key).filter(|e| e.id == id) else {
-            // Invalidated while running: the result reaches this flight's callers only.
-            return;
+            // Invalidated while running (only an invalidation removes a running flight's
+            // entry): the task tells its callers the result was revoked.
+            return false;
         };
         match replay {
             Some((value, ttl)) if !ttl.is_zero() => {
@@ -573,10 +576,12 @@ impl Table {
                 drop(removed);
             }
         }
+        true
     }
 
-    /// Removes the entry of `key` whatever it holds. A running flight goes on, and its
-    /// result reaches its current callers, but it will not be replayed.
+    /// Removes the entry of `key` whatever it holds. A running flight goes on, but its
+    /// task finds its entry gone when it completes: the result is never replayed, and its
+    /// callers are told it was revoked.
     pub(crate) fn invalidate(&self, key: &Fingerprint) -> bool {
         let key = Slot::of(key);
         let mut shard = self.shard(key);
@@ -824,17 +829,19 @@ impl FlightGuard {
     ///
     /// The entry becomes a replay before the flight's future resolves, so a request that
     /// arrives after any caller has its answer finds the replay, never a finished flight.
-    pub(crate) fn complete(mut self, value: &Value, replay: Option<Duration>) {
+    /// Returns whether the entry was still the flight's own: `false` if an invalidation
+    /// removed it while the flight ran, and then the value must reach no caller.
+    pub(crate) fn complete(mut self, value: &Value, replay: Option<Duration>) -> bool {
         self.armed = false;
         self.table
-            .finish(&self.key, self.id, replay.map(|ttl| (value.clone(), ttl)));
+            .finish(&self.key, self.id, replay.map(|ttl| (value.clone(), ttl)))
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         if self.armed {
-            self.table.finish(&self.key, self.id, None);
+            let _ = self.table.finish(&self.key, self.id, None);
         }
     }
 }
@@ -1089,10 +1096,17 @@ mod loom_tests {
                         assert!(removed || replay.is_none());
                         assert!(matches!(table.find(&k), Ok(Found::Vacant)));
                         observe(&table, 1, 1);
+                        removed
                     })
                 };
-                task.join().unwrap();
-                invalidator.join().unwrap();
+                let own = task.join().unwrap();
+                let removed = invalidator.join().unwrap();
+                // A flight that found its entry gone was removed by the invalidation (and
+                // refuses its callers); one that completed first kept its entry.
+                assert!(
+                    own || removed,
+                    "only an invalidation takes a flight's entry"
+                );
                 assert!(matches!(table.find(&k), Ok(Found::Vacant)));
                 assert_empty(&table);
                 drop(waiter);

@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use futures_util::FutureExt;
@@ -26,7 +26,7 @@ use crate::{
     layer::Core,
     metrics::{Outcome, StoreCounters},
     share::{Served, Share},
-    store::{Keep, Plan},
+    store::{Finished, Followed, Keep, Plan},
 };
 
 pin_project! {
@@ -228,6 +228,8 @@ where
                 // Without a token-derived secret, values are sealed by the store's own.
                 seal: admission.seal_key().copied().unwrap_or(*key.as_bytes()),
                 group: admission.group_key().copied(),
+                tag: admission.tag_key().copied(),
+                expires: admission.expires(),
             };
             let started = core.table.lead(key, admission, |id| {
                 spawn_flight(core, inner, request, flight, id)
@@ -279,6 +281,10 @@ struct Flight {
     key: Fingerprint,
     seal: [u8; 32],
     group: Option<Fingerprint>,
+    /// The entry's second name (the HTTP front's token tag), remembered in the store.
+    tag: Option<Fingerprint>,
+    /// When the presented token expires: no replay of its flight outlives it.
+    expires: Option<SystemTime>,
 }
 
 /// Spawns the inner call of flight `id` and returns the future its callers share.
@@ -311,8 +317,14 @@ where
         match tokio::time::timeout(core.hard_cap, run).await {
             Ok(Ok((value, replay))) => {
                 let value: Value = Arc::new(value);
-                guard.complete(&value, replay);
-                Ok(value)
+                // An invalidation removed the entry while the flight ran (here, or on another
+                // instance through the store's listener): the result is revoked for every
+                // caller, not only for the next request.
+                if guard.complete(&value, replay) {
+                    Ok(value)
+                } else {
+                    Err(LeaderFailed::new(Failure::Revoked))
+                }
             }
             Ok(Err(failure)) => Err(LeaderFailed::new(failure)),
             Err(_) => {
@@ -334,7 +346,9 @@ where
 ///
 /// Without a store, the inner service is called. With one: a result another instance
 /// stored answers the flight; otherwise the election decides whether this flight calls the
-/// inner service (and stores the result) or waits for the instance that does.
+/// inner service (and stores the result) or waits for the instance that does. A flight
+/// invalidated while it ran (its generations moved in the store) fails with
+/// [`Failure::Revoked`]. No replay outlives the presented token's own expiry.
 async fn run_flight<X, P, S, R>(
     core: &Core<X, P>,
     inner: S,
@@ -345,36 +359,56 @@ where
     S: Service<R>,
     P: Share<S::Response, S::Error>,
 {
+    let Flight {
+        key,
+        seal,
+        group,
+        tag,
+        expires,
+    } = flight;
+    let life = |ttl: Duration| match expires {
+        Some(at) => ttl.min(at.duration_since(SystemTime::now()).unwrap_or_default()),
+        None => ttl,
+    };
+    let replay_for = |value: &P::Value, ttl: Duration| {
+        let ttl = life(ttl);
+        (core.share.is_replayable(value) && !ttl.is_zero()).then_some(ttl)
+    };
     let ttl = core.table.ttl();
-    let replay_for =
-        |value: &P::Value, ttl: Duration| core.share.is_replayable(value).then_some(ttl);
     let Some(remote) = &core.remote else {
         let value = call(core, inner, request).await;
         let replay = replay_for(&value, ttl);
         return Ok((value, replay));
     };
     let counters = &core.table.counters.store;
-    let Flight { key, seal, group } = flight;
-    if let Some(stored) = remote.load(&key, &seal, counters).await
+    if let Some(stored) = remote.load(&key, &seal, group.as_ref(), counters).await
         && let Some(value) = core.share.decode(&stored.value)
     {
         StoreCounters::add(&counters.replayed, "replayed");
         let replay = replay_for(&value, stored.ttl.min(ttl));
         return Ok((value, replay));
     }
-    match remote.elect(&key, counters).await {
+    let generation_life = remote.generation_life(ttl);
+    match remote
+        .elect(&key, group.as_ref(), tag.as_ref(), generation_life, counters)
+        .await
+    {
         Plan::Local => {
             let value = call(core, inner, request).await;
             let replay = replay_for(&value, ttl);
             Ok((value, replay))
         }
-        Plan::Follow(leader) => {
+        Plan::Follow(leader, started) => {
             // A little longer than the callers wait, so that they get their own timeout.
             let deadline = Instant::now() + core.wait_timeout + Duration::from_millis(500);
-            let stored = remote
-                .follow(&key, &leader, &seal, deadline, counters)
+            let stored = match remote
+                .follow(&key, &leader, &seal, &started, deadline, counters)
                 .await
-                .ok_or(Failure::RemoteTimeout)?;
+            {
+                Followed::Arrived(stored) => stored,
+                Followed::Revoked => return Err(Failure::Revoked),
+                Followed::Elapsed => return Err(Failure::RemoteTimeout),
+            };
             let value = core
                 .share
                 .decode(&stored.value)
@@ -386,28 +420,36 @@ where
             };
             Ok((value, replay))
         }
-        Plan::Lead(fence) => {
+        Plan::Lead(fence, started) => {
             let value = call(core, inner, request).await;
             let replay = replay_for(&value, ttl);
             let keep = match replay {
-                Some(ttl) => Keep::Replay { ttl, group },
+                Some(ttl) => Keep::Replay { ttl },
                 // Not a replay, but the followers of this flight must still receive it.
                 None => Keep::Flight {
                     ttl: core.wait_timeout + Duration::from_secs(1),
                 },
             };
             let encoded = core.share.encode(&value).map(|bytes| (bytes, keep));
-            let winner = remote.finish(&key, &fence, &seal, encoded, counters).await;
-            // A late leader: another result was stored first. Every caller everywhere gets
-            // that one, so all of them see the same tokens.
-            if let Some(winner) = winner
-                && let Some(stored) = core.share.decode(&winner.value)
-            {
-                tracing::warn!("a result was stored before this flight's: answering with it");
-                let replay = replay_for(&stored, winner.ttl.min(ttl));
-                return Ok((stored, replay));
+            let finished = remote
+                .finish(&key, &fence, &seal, encoded, started.as_ref(), counters)
+                .await;
+            match finished {
+                Finished::Own => Ok((value, replay)),
+                Finished::Revoked => Err(Failure::Revoked),
+                // A late leader: another result was stored first. Every caller everywhere
+                // gets that one, so all of them see the same tokens.
+                Finished::Existing(winner) => match core.share.decode(&winner.value) {
+                    Some(stored) => {
+                        tracing::warn!(
+                            "a result was stored before this flight's: answering with it"
+                        );
+                        let replay = replay_for(&stored, winner.ttl.min(ttl));
+                        Ok((stored, replay))
+                    }
+                    None => Ok((value, replay)),
+                },
             }
-            Ok((value, replay))
         }
     }
 }

@@ -34,8 +34,10 @@ impl Handle {
         }
     }
 
-    /// Sends an invalidation to the store, so that every instance applies it. Spawned: the
-    /// local table is already clean when the caller continues.
+    /// Sends an invalidation to the store, so that every instance applies it and no flight
+    /// running now anywhere stores or replays its result. Spawned: the local table is clean
+    /// when the caller continues (and this instance's running flight of the key refuses its
+    /// callers); the store command is retried once if it fails, and a failure is logged.
     fn propagate(&self, invalidation: Invalidation) {
         let Some(remote) = self.remote.clone() else {
             return;
@@ -44,22 +46,18 @@ impl Handle {
             tracing::warn!("no Tokio runtime: the invalidation stays local to this instance");
             return;
         };
-        runtime.spawn(async move {
-            let result = match &invalidation {
-                Invalidation::Key(key) => remote.store().invalidate(key).await,
-                Invalidation::Group(group) => remote.store().invalidate_group(group).await,
-            };
-            if let Err(error) = result {
-                tracing::warn!(%error, "invalidation did not reach the coordination store");
-            }
-        });
+        let life = remote.generation_life(self.table.ttl());
+        runtime.spawn(async move { remote.invalidate(&invalidation, life).await });
     }
 
     /// Removes the entry of `key`, whether a replay or a running flight; returns whether
     /// there was one.
     ///
-    /// A running flight goes on and answers the callers already waiting on it, but its
-    /// result is not replayed: the next request for `key` reaches the inner service.
+    /// A running flight goes on, but its result is revoked: its callers get
+    /// [`LeaderFailed`](crate::error::LeaderFailed) with
+    /// [`Failure::Revoked`](crate::error::Failure::Revoked) (the HTTP front answers
+    /// `invalid_grant`), it is never replayed, and the next request for `key` reaches the
+    /// inner service. With a store, the same holds on every instance.
     pub fn invalidate(&self, key: &Fingerprint) -> bool {
         self.propagate(Invalidation::Key(*key));
         self.table.invalidate(key)

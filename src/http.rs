@@ -1445,6 +1445,14 @@ impl Refusal {
                 ),
             };
         }
+        // The flight was invalidated (logout, password change) while it ran: its result is
+        // revoked, which to its callers is what the token server would say of the token.
+        if error
+            .downcast_ref::<LeaderFailed>()
+            .is_some_and(|failed| failed.failure() == Failure::Revoked)
+        {
+            return refusal(invalid_grant, "invalid_grant", false, UNAUTHENTICATED);
+        }
         // A follower's flight gave up on another instance's leader: to its callers, that is
         // the wait timing out, whenever they joined.
         let remote_timeout = error
@@ -1681,5 +1689,25 @@ mod refusal_tests {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
         assert!(response.headers().get(WWW_AUTHENTICATE).is_none());
+    }
+
+    #[test]
+    fn a_revoked_flight_is_refused_as_invalid_grant_and_unauthenticated() {
+        let revoked = LeaderFailed::new(Failure::Revoked);
+        let refusal = Refusal::of(&revoked, StatusCode::UNAUTHORIZED);
+        assert_eq!(refusal.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(refusal.error, "invalid_grant");
+        assert_eq!(refusal.grpc, 16, "UNAUTHENTICATED");
+        assert!(!refusal.retry_after);
+        assert_eq!(
+            refusal.description,
+            "coalesced call was revoked by an invalidation while it ran"
+        );
+        let configured = Refusal::of(&revoked, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            configured.status,
+            StatusCode::BAD_REQUEST,
+            "the configured status"
+        );
     }
 }

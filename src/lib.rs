@@ -180,7 +180,7 @@
 //! use tower_refresh_coalesce::{HttpExtract, Opaque, RefreshCoalesceLayer, store::RedisStore};
 //!
 //! let client = redis::Client::open("redis://127.0.0.1:6379/")?;
-//! let store = RedisStore::builder(client, b"deployment secret").build()?;
+//! let store = RedisStore::builder(client, b"a deployment secret of 32 bytes!").build()?;
 //! let layer = RefreshCoalesceLayer::http(HttpExtract::new(Opaque).secret(b"a fingerprint secret of 32 bytes!"))
 //!     .store(store)
 //!     .build();
@@ -234,7 +234,9 @@
 //!   inner service like any other and is counted as `reuse_suspected`.
 //! - **The TTL is a reuse window.** Keep `ttl` (30 s) shorter than the identity server's own
 //!   grace period for a rotated token, and call [`Handle::invalidate_subject`] on logout and
-//!   password change so a revoked family is never replayed.
+//!   password change so a revoked family is never replayed: on every instance, the
+//!   invalidation also revokes a refresh already running (its callers get `invalid_grant`,
+//!   and its result is neither stored nor replayed). No replay outlives the token's `exp`.
 //! - **Sealed at rest.** Values in Redis are encrypted with a key derived from the deployment
 //!   secret and the refreshed token; key names carry only fingerprints.
 #![cfg_attr(docsrs, feature(doc_cfg))]

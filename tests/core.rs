@@ -474,11 +474,20 @@ async fn a_flight_invalidated_while_running_is_not_replayed() {
     until(|| handle.stats().leader == 1).await;
     assert!(handle.invalidate(&Fingerprint::from("r1")));
     gate.open();
+    // `CloneResponse` rejects with the layer's own error, as a `BoxError`.
+    let refused = waiter.await.unwrap().expect_err("its caller is refused");
     assert_eq!(
-        waiter.await.unwrap().unwrap(),
-        "r1#1",
-        "its caller still gets the result"
+        refused
+            .downcast_ref::<LeaderFailed>()
+            .map(LeaderFailed::failure),
+        Some(Failure::Revoked),
+        "{refused}"
     );
+    assert_eq!(
+        refused.to_string(),
+        "coalesced call was revoked by an invalidation while it ran"
+    );
+    assert_eq!(calls.get(), 1);
     until(|| handle.stats().in_flight == 0).await;
     assert_eq!(handle.stats().entries, 0);
 

@@ -1117,6 +1117,46 @@ async fn invalidation_by_token_and_by_subject_stops_replays_at_once() {
 }
 
 #[tokio::test]
+async fn callers_of_a_flight_invalidated_while_it_ran_get_invalid_grant_and_the_next_request_leads()
+{
+    let front = front_with(
+        HttpExtract::new(hs256_verifier()),
+        HttpShare::new(),
+        new_pair,
+    );
+    let token = tokens::refresh("alice");
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let (service, request) = (front.service.clone(), bearer(&token));
+            tokio::spawn(async move { send(&service, request).await })
+        })
+        .collect();
+    until(|| {
+        let stats = front.handle.stats();
+        stats.leader == 1 && stats.joined == 1
+    })
+    .await;
+
+    assert_eq!(front.handle.invalidate_subject("alice"), 1);
+    front.gate.open();
+
+    for caller in callers {
+        let refused = caller.await.unwrap();
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(refused.json()["error"], "invalid_grant");
+        assert_eq!(
+            refused.json()["error_description"],
+            "coalesced call was revoked by an invalidation while it ran"
+        );
+        assert!(refused.header("www-authenticate").is_some());
+    }
+    let next = send(&front.service, bearer(&token)).await;
+    assert_eq!(next.status, StatusCode::OK);
+    assert_eq!(front.calls.get(), 2, "the next request leads a new call");
+    assert_eq!(send(&front.service, bearer(&token)).await, next, "replayed");
+}
+
+#[tokio::test]
 async fn a_replay_is_refused_once_its_token_has_expired() {
     let verifier = JwtVerifier::hs256(SECRET)
         .typ(REFRESH_TYP)

@@ -274,6 +274,8 @@ enum Outcome {
     OverEntries,
     /// Refused before coalescing (HTTP: invalid or missing token).
     Rejected,
+    /// The flight was invalidated while it ran: its result reaches no caller.
+    Revoked,
     /// The caller task was aborted before it had a result.
     Cancelled,
     Other(String),
@@ -344,6 +346,7 @@ fn classify_error(error: &BoxError) -> Outcome {
         return match failed.failure() {
             Failure::Panicked => Outcome::Panicked,
             Failure::HardCap => Outcome::HardCap,
+            Failure::Revoked => Outcome::Revoked,
             other => Outcome::Other(format!("leader failed: {other:?}")),
         };
     }
@@ -497,6 +500,12 @@ mod http_front {
             StatusCode::OK => Outcome::Ok(text),
             StatusCode::INTERNAL_SERVER_ERROR => Outcome::InnerErr(text),
             StatusCode::TOO_MANY_REQUESTS => Outcome::Elapsed,
+            StatusCode::UNAUTHORIZED
+                if description()
+                    == "coalesced call was revoked by an invalidation while it ran" =>
+            {
+                Outcome::Revoked
+            }
             StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED => Outcome::Rejected,
             StatusCode::SERVICE_UNAVAILABLE => match description().as_str() {
                 "coalescing table is full" => Outcome::OverEntries,
@@ -563,7 +572,7 @@ enum Slot {
 struct Flight {
     token: usize,
     start: Instant,
-    /// Invalidated while it ran: its result is not replayed.
+    /// Invalidated while it ran: its result is not replayed, and reaches no caller.
     invalidated: bool,
     /// When and how it ended; `true` if by the hard cap (a timer, which may fire in either
     /// order with a caller's wait timer of the same instant).
@@ -788,6 +797,7 @@ impl<F: Front> Harness<F> {
                 Outcome::OverWaiters => "result: OverWaiters",
                 Outcome::OverEntries => "result: OverEntries",
                 Outcome::Rejected => "result: Rejected",
+                Outcome::Revoked => "result: Revoked",
                 Outcome::Cancelled => "result: Cancelled (aborted)",
                 Outcome::Other(_) => "result: Other",
             });
@@ -888,7 +898,7 @@ impl<F: Front> Harness<F> {
             self.counts.overloaded,
             self.counts.rejected,
             results(|o| *o == Outcome::Elapsed),
-            results(|o| matches!(o, Outcome::Panicked | Outcome::HardCap)),
+            results(|o| matches!(o, Outcome::Panicked | Outcome::HardCap | Outcome::Revoked)),
             running,
         );
         let actual = (
@@ -1059,6 +1069,14 @@ impl<F: Front> Harness<F> {
     fn resolve(&mut self, f: usize, outcome: Outcome, by_timer: bool) {
         let now = Self::now();
         let token = self.flights[f].token;
+        // A result (a response or the inner service's error) of a flight invalidated while it
+        // ran is revoked for every caller; a panic or the hard cap stays what it was.
+        let outcome = match outcome {
+            Outcome::Ok(_) | Outcome::InnerErr(_) if self.flights[f].invalidated => {
+                Outcome::Revoked
+            }
+            outcome => outcome,
+        };
         let replay = matches!(outcome, Outcome::Ok(_));
         self.flights[f].resolution = Some((now, outcome, by_timer));
         if self.slots[token] == Slot::Flight(f) {
@@ -1438,7 +1456,7 @@ mod scenarios {
                 Request(0),
                 Invalidate(0),
                 Request(0),
-                Complete(0, End::Ok), // the invalidated flight: answers its caller, not replayed
+                Complete(0, End::Ok), // the invalidated flight: refuses its caller, not replayed
                 Request(0),           // joins the second flight
                 Complete(0, End::Ok),
                 Request(0), // the second flight's replay

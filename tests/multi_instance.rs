@@ -48,7 +48,7 @@ type Service = BoxCloneService<Request<Body>, Response<ResponseBody<Body>>, Infa
 /// The fingerprint secret every instance of the deployment shares.
 const DEPLOYMENT_SECRET: &[u8] = b"multi-instance deployment secret";
 /// The secret the Redis stores seal values with.
-const SEAL_SECRET: &[u8] = b"multi-instance sealing secret";
+const SEAL_SECRET: &[u8] = b"multi-instance sealing secret, 32B";
 /// How long a test waits for counters to reach a state before it fails.
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -477,6 +477,8 @@ both_backends!(
     a_result_made_on_one_instance_is_replayed_on_another_until_the_token_is_invalidated,
     invalidating_a_subject_on_one_instance_clears_its_replays_on_every_instance,
     a_refusal_reaches_every_instances_callers_once_and_is_not_replayed,
+    a_token_invalidated_on_one_instance_while_another_leads_its_refresh_is_never_replayed,
+    a_subject_invalidated_on_one_instance_while_another_leads_its_refresh_is_never_replayed,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -654,6 +656,128 @@ async fn a_refusal_reaches_every_instances_callers_once_and_is_not_replayed(
     let retry = fleet.send(1, &token).await;
     assert_eq!(retry.status, StatusCode::UNAUTHORIZED);
     assert_eq!(fleet.ledger.total(), 2, "a refusal is never replayed");
+}
+
+// ---------------------------------------------------------------------------------------
+// 2b. Invalidation while another instance's flight runs
+// ---------------------------------------------------------------------------------------
+
+/// How a test revokes alice's token on instance A.
+#[derive(Clone, Copy)]
+enum Revoke {
+    Token,
+    Subject,
+}
+
+/// B leads a refresh of alice's token (its inner service gated); A revokes it meanwhile.
+/// B's caller gets the revoked refusal, and no later request on A or B gets that flight's
+/// pair: the first leads a new inner call, the second answers with that new pair.
+async fn revoked_while_another_instance_leads(
+    shared: Shared,
+    server: Option<&RedisServer>,
+    revoke: Revoke,
+) {
+    let mut fleet = Fleet::new(&shared);
+    let (open, gated) = (Gates::closed(), Gates::closed());
+    open.open();
+    fleet
+        .add_with(Config::default(), &open)
+        .add_with(Config::default(), &gated);
+    fleet.subscribed().await;
+    let token = tokens::refresh("alice");
+
+    let on_b = fleet.storm_over(&token, 1, &[1]);
+    fleet
+        .within("B leads and calls its inner service", || {
+            fleet.instances[1].stats().store_won == 1 && fleet.ledger.total() == 1
+        })
+        .await;
+    let a = &fleet.instances[0];
+    match revoke {
+        Revoke::Token => {
+            a.handle.invalidate_token(&token);
+        }
+        Revoke::Subject => {
+            a.handle.invalidate_subject("alice");
+        }
+    }
+    // The store propagates the invalidation: B's listener removes its running flight.
+    fleet
+        .within("B heard the invalidation", || {
+            fleet.instances[1].stats().entries == 0
+        })
+        .await;
+    gated.open();
+    let refused = answers(on_b).await.remove(0).seen;
+
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{refused:?}");
+    assert_eq!(refused.json()["error"], "invalid_grant");
+    if let Some(server) = server {
+        let dump = server.dump().await;
+        assert_eq!(keys_ending(&dump, ":res"), Vec::<String>::new(), "{dump:?}");
+    }
+    let first = match revoke {
+        Revoke::Token => 0,
+        Revoke::Subject => 1,
+    };
+    let led = fleet.send(first, &token).await;
+    assert_eq!(led.status, StatusCode::OK);
+    assert_eq!(fleet.ledger.total(), 2, "the next request leads a new call");
+    assert_eq!(
+        led.json()["refresh_token"],
+        "refresh-2",
+        "not the revoked pair"
+    );
+    let other = fleet.send(1 - first, &token).await;
+    assert_eq!(other, led, "the other instance answers with the new pair");
+    assert_eq!(fleet.ledger.total(), 2);
+}
+
+async fn a_token_invalidated_on_one_instance_while_another_leads_its_refresh_is_never_replayed(
+    shared: Shared,
+    server: Option<&RedisServer>,
+) {
+    revoked_while_another_instance_leads(shared, server, Revoke::Token).await;
+}
+
+async fn a_subject_invalidated_on_one_instance_while_another_leads_its_refresh_is_never_replayed(
+    shared: Shared,
+    server: Option<&RedisServer>,
+) {
+    revoked_while_another_instance_leads(shared, server, Revoke::Subject).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_from_the_store_is_not_served_after_the_tokens_exp() {
+    let mut fleet = Fleet::new(&memory());
+    let config = Config {
+        ttl: Duration::from_secs(30),
+        ..Config::default()
+    };
+    fleet.add(config).add(config);
+    fleet.gates.open();
+    // Expires within the second after next, plus the verifier's 5 s leeway: at most 7 s.
+    let mut claims = tokens::claims("alice");
+    claims["exp"] = json!(tokens::now() + 1);
+    let token = tokens::hs256(&claims);
+
+    let made = fleet.send(0, &token).await;
+    assert_eq!(fleet.send(1, &token).await, made, "B replays A's pair");
+    assert_eq!(fleet.ledger.total(), 1);
+
+    // The paused clock moves past the token's exp (the wall clock, which verifies, does not).
+    tokio::time::advance(Duration::from_secs(8)).await;
+
+    let after = fleet.send(1, &token).await;
+    assert_eq!(after.status, StatusCode::OK);
+    assert_eq!(
+        fleet.ledger.total(),
+        2,
+        "neither B's table nor the store replays"
+    );
+    assert_ne!(after, made);
+    let on_a = fleet.send(0, &token).await;
+    assert_ne!(on_a, made, "nor A's table");
 }
 
 // ---------------------------------------------------------------------------------------

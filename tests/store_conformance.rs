@@ -25,7 +25,10 @@ use support::until;
 use tokio::time::{Instant, timeout};
 use tower_refresh_coalesce::{
     Fingerprint,
-    store::{Election, Fence, Invalidation, Keep, Listener, MemoryStore, Store, Stored},
+    store::{
+        Completed, Election, Fence, Generations, Invalidation, Keep, Listener, MemoryStore, Store,
+        Stored, Waited,
+    },
 };
 
 /// How many handles each backend gives a case.
@@ -34,6 +37,13 @@ const HANDLES: usize = 3;
 const LEASE: Duration = Duration::from_secs(2);
 /// A replay TTL long enough for any case that does not wait for it to pass.
 const TTL: Duration = Duration::from_secs(2);
+/// How long an invalidation keeps a generation in these cases.
+const LIFE: Duration = Duration::from_secs(10);
+/// The generations of a key never invalidated, without a group.
+const FRESH: Generations = Generations {
+    key: 0,
+    group: None,
+};
 /// The token seal of most cases, and another token's.
 const SEAL: [u8; 32] = [1; 32];
 const OTHER_SEAL: [u8; 32] = [2; 32];
@@ -158,7 +168,7 @@ fn redis() -> Backend {
     let server = redis_server::RedisServer::start();
     let redis_stores: Vec<RedisStore> = (0..HANDLES)
         .map(|_| {
-            RedisStore::builder(server.client(), b"conformance deployment secret")
+            RedisStore::builder(server.client(), b"conformance deployment secret, 32")
                 .poll_interval(POLL_INTERVAL)
                 .build()
                 .expect("a RedisStore builds without waiting for Redis")
@@ -181,13 +191,31 @@ fn key(name: &str) -> Fingerprint {
 }
 
 fn replay(ttl: Duration) -> Keep {
-    Keep::Replay { ttl, group: None }
+    Keep::Replay { ttl }
 }
 
-fn in_group(group: &Fingerprint) -> Keep {
-    Keep::Replay {
-        ttl: TTL,
-        group: Some(*group),
+/// The generations of a flight of a key never invalidated, in `group` never invalidated.
+fn in_group(group: &Fingerprint) -> Generations {
+    Generations::key(0).in_group(*group, 0)
+}
+
+/// What a wait received, `None` if nothing arrived.
+#[track_caller]
+fn arrived(waited: Waited) -> Option<Stored> {
+    match waited {
+        Waited::Arrived(stored) => Some(stored),
+        Waited::Elapsed => None,
+        other => panic!("expected a result or nothing, got {other:?}"),
+    }
+}
+
+/// What a completion stored under another's replay, `None` if its own was stored.
+#[track_caller]
+fn existing(completed: Completed) -> Option<Stored> {
+    match completed {
+        Completed::Stored => None,
+        Completed::Existing(stored) => Some(stored),
+        other => panic!("expected a stored result, got {other:?}"),
     }
 }
 
@@ -209,7 +237,7 @@ fn assert_stored(stored: Option<Stored>, value: &[u8], replay: bool, ttl: Durati
 // ---------------------------------------------------------------------------------------
 
 async fn loading_a_key_nothing_was_stored_for_finds_nothing(b: Backend) {
-    let found = b.store(0).load(&key("empty"), &SEAL).await.unwrap();
+    let found = b.store(0).load(&key("empty"), &SEAL, None).await.unwrap();
     assert_eq!(found, None, "{}", b.name);
 }
 
@@ -221,16 +249,25 @@ async fn the_first_election_wins_and_the_second_loses_naming_the_first_fence(b: 
     let lost = b.store(1).elect(&k, &second, LEASE).await.unwrap();
     let lost_again = b.store(2).elect(&k, &Fence::random(), LEASE).await.unwrap();
 
-    assert_eq!(won, Election::Won, "{}", b.name);
+    assert_eq!(won, Election::Won { generation: 0 }, "{}", b.name);
     assert_eq!(
         lost,
         Election::Lost {
-            leader: first.clone()
+            leader: first.clone(),
+            generation: 0
         },
         "{}",
         b.name
     );
-    assert_eq!(lost_again, Election::Lost { leader: first }, "{}", b.name);
+    assert_eq!(
+        lost_again,
+        Election::Lost {
+            leader: first,
+            generation: 0
+        },
+        "{}",
+        b.name
+    );
 }
 
 async fn electing_again_with_the_winning_fence_reports_a_win(b: Backend) {
@@ -240,18 +277,26 @@ async fn electing_again_with_the_winning_fence_reports_a_win(b: Backend) {
     let fence = Fence::random();
     assert_eq!(
         b.store(0).elect(&k, &fence, LEASE).await.unwrap(),
-        Election::Won,
+        Election::Won { generation: 0 },
         "{}",
         b.name
     );
     assert_eq!(
         b.store(1).elect(&k, &fence, LEASE).await.unwrap(),
-        Election::Won,
+        Election::Won { generation: 0 },
         "{}",
         b.name
     );
     let other = b.store(2).elect(&k, &Fence::random(), LEASE).await.unwrap();
-    assert_eq!(other, Election::Lost { leader: fence }, "{}", b.name);
+    assert_eq!(
+        other,
+        Election::Lost {
+            leader: fence,
+            generation: 0
+        },
+        "{}",
+        b.name
+    );
 }
 
 async fn a_release_by_a_foreign_fence_keeps_the_lock_and_the_owners_frees_it(b: Backend) {
@@ -259,7 +304,7 @@ async fn a_release_by_a_foreign_fence_keeps_the_lock_and_the_owners_frees_it(b: 
     let (owner, foreign) = (Fence::random(), Fence::random());
     assert_eq!(
         b.store(0).elect(&k, &owner, LEASE).await.unwrap(),
-        Election::Won
+        Election::Won { generation: 0 }
     );
 
     b.store(1).release(&k, &foreign).await.unwrap();
@@ -269,11 +314,14 @@ async fn a_release_by_a_foreign_fence_keeps_the_lock_and_the_owners_frees_it(b: 
 
     assert_eq!(
         after_foreign,
-        Election::Lost { leader: owner },
+        Election::Lost {
+            leader: owner,
+            generation: 0
+        },
         "{}",
         b.name
     );
-    assert_eq!(after_owner, Election::Won, "{}", b.name);
+    assert_eq!(after_owner, Election::Won { generation: 0 }, "{}", b.name);
 }
 
 async fn an_expired_lease_lets_another_fence_win(b: Backend) {
@@ -281,14 +329,14 @@ async fn an_expired_lease_lets_another_fence_win(b: Backend) {
     let lease = Duration::from_millis(300);
     assert_eq!(
         b.store(0).elect(&k, &Fence::random(), lease).await.unwrap(),
-        Election::Won
+        Election::Won { generation: 0 }
     );
 
     // A real wait: the lease has to pass.
     tokio::time::sleep(lease + Duration::from_millis(100)).await;
 
     let next = b.store(1).elect(&k, &Fence::random(), LEASE).await.unwrap();
-    assert_eq!(next, Election::Won, "{}", b.name);
+    assert_eq!(next, Election::Won { generation: 0 }, "{}", b.name);
 }
 
 async fn a_stored_replay_is_loaded_with_its_ttl_only_under_the_same_seal(b: Backend) {
@@ -297,14 +345,23 @@ async fn a_stored_replay_is_loaded_with_its_ttl_only_under_the_same_seal(b: Back
 
     let stored = b
         .store(0)
-        .complete(&k, &fence, &SEAL, b"pair-1".to_vec(), replay(TTL))
+        .complete(&k, &fence, &SEAL, b"pair-1".to_vec(), replay(TTL), &FRESH)
         .await
         .unwrap();
-    let loaded = b.store(1).load(&k, &SEAL).await.unwrap();
-    let other_seal = b.store(2).load(&k, &OTHER_SEAL).await.unwrap();
-    let other_key = b.store(2).load(&key("not-stored"), &SEAL).await.unwrap();
+    let loaded = b.store(1).load(&k, &SEAL, None).await.unwrap();
+    let other_seal = b.store(2).load(&k, &OTHER_SEAL, None).await.unwrap();
+    let other_key = b
+        .store(2)
+        .load(&key("not-stored"), &SEAL, None)
+        .await
+        .unwrap();
 
-    assert_eq!(stored, None, "{}: the first result is stored", b.name);
+    assert_eq!(
+        stored,
+        Completed::Stored,
+        "{}: the first result is stored",
+        b.name
+    );
     assert_stored(loaded, b"pair-1", true, TTL);
     assert_eq!(other_seal, None, "{}: another token's seal", b.name);
     assert_eq!(other_key, None, "{}: another key", b.name);
@@ -315,18 +372,32 @@ async fn a_late_leader_completing_a_second_replay_gets_the_first_value(b: Backen
 
     let first = b
         .store(0)
-        .complete(&k, &Fence::random(), &SEAL, b"first".to_vec(), replay(TTL))
+        .complete(
+            &k,
+            &Fence::random(),
+            &SEAL,
+            b"first".to_vec(),
+            replay(TTL),
+            &FRESH,
+        )
         .await
         .unwrap();
     let second = b
         .store(1)
-        .complete(&k, &Fence::random(), &SEAL, b"second".to_vec(), replay(TTL))
+        .complete(
+            &k,
+            &Fence::random(),
+            &SEAL,
+            b"second".to_vec(),
+            replay(TTL),
+            &FRESH,
+        )
         .await
         .unwrap();
-    let loaded = b.store(2).load(&k, &SEAL).await.unwrap();
+    let loaded = b.store(2).load(&k, &SEAL, None).await.unwrap();
 
-    assert_eq!(first, None, "{}", b.name);
-    assert_stored(second, b"first", true, TTL);
+    assert_eq!(first, Completed::Stored, "{}", b.name);
+    assert_stored(existing(second), b"first", true, TTL);
     assert_stored(loaded, b"first", true, TTL);
 }
 
@@ -336,7 +407,7 @@ async fn a_wait_returns_the_replay_as_soon_as_the_leader_completes_later(b: Back
     let leader = Fence::random();
     assert_eq!(
         b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-        Election::Won
+        Election::Won { generation: 0 }
     );
 
     let before = b.reads().await;
@@ -345,7 +416,7 @@ async fn a_wait_returns_the_replay_as_soon_as_the_leader_completes_later(b: Back
         let leader = leader.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(3);
-            let stored = store.wait(&k, &leader, &SEAL, deadline).await;
+            let stored = store.wait(&k, &leader, &SEAL, &FRESH, deadline).await;
             (stored, Instant::now())
         })
     };
@@ -353,13 +424,13 @@ async fn a_wait_returns_the_replay_as_soon_as_the_leader_completes_later(b: Back
     let completed_at = Instant::now();
     let late = b
         .store(0)
-        .complete(&k, &leader, &SEAL, b"pair".to_vec(), replay(TTL))
+        .complete(&k, &leader, &SEAL, b"pair".to_vec(), replay(TTL), &FRESH)
         .await
         .unwrap();
     let (stored, woken_at) = waiter.await.unwrap();
 
-    assert_eq!(late, None, "{}", b.name);
-    assert_stored(stored.unwrap(), b"pair", true, TTL);
+    assert_eq!(late, Completed::Stored, "{}", b.name);
+    assert_stored(arrived(stored.unwrap()), b"pair", true, TTL);
     let after = woken_at - completed_at;
     assert!(
         after < Duration::from_millis(200),
@@ -373,21 +444,32 @@ async fn a_wait_returns_the_flight_outcome_of_its_fence_which_is_no_replay(b: Ba
     let leader = Fence::random();
     assert_eq!(
         b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-        Election::Won
+        Election::Won { generation: 0 }
     );
     let keep = Keep::Flight { ttl: TTL };
 
     let stored = b
         .store(0)
-        .complete(&k, &leader, &SEAL, b"503 for this flight".to_vec(), keep)
+        .complete(
+            &k,
+            &leader,
+            &SEAL,
+            b"503 for this flight".to_vec(),
+            keep,
+            &FRESH,
+        )
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
-    let waited = b.store(1).wait(&k, &leader, &SEAL, deadline).await.unwrap();
-    let loaded = b.store(2).load(&k, &SEAL).await.unwrap();
+    let waited = b
+        .store(1)
+        .wait(&k, &leader, &SEAL, &FRESH, deadline)
+        .await
+        .unwrap();
+    let loaded = b.store(2).load(&k, &SEAL, None).await.unwrap();
 
-    assert_eq!(stored, None, "{}", b.name);
-    assert_stored(waited, b"503 for this flight", false, TTL);
+    assert_eq!(stored, Completed::Stored, "{}", b.name);
+    assert_stored(arrived(waited), b"503 for this flight", false, TTL);
     assert_eq!(
         loaded, None,
         "{}: a flight outcome is never a replay",
@@ -402,7 +484,7 @@ async fn a_flight_outcome_releases_the_lock_so_the_next_request_leads(b: Backend
     let (leader, foreign) = (Fence::random(), Fence::random());
     assert_eq!(
         b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-        Election::Won
+        Election::Won { generation: 0 }
     );
     // A foreign fence's outcome does not release the leader's lock.
     b.store(1)
@@ -412,6 +494,7 @@ async fn a_flight_outcome_releases_the_lock_so_the_next_request_leads(b: Backend
             &SEAL,
             b"x".to_vec(),
             Keep::Flight { ttl: TTL },
+            &FRESH,
         )
         .await
         .unwrap();
@@ -423,13 +506,22 @@ async fn a_flight_outcome_releases_the_lock_so_the_next_request_leads(b: Backend
             &SEAL,
             b"401".to_vec(),
             Keep::Flight { ttl: TTL },
+            &FRESH,
         )
         .await
         .unwrap();
     let after = b.store(2).elect(&k, &Fence::random(), LEASE).await.unwrap();
 
-    assert_eq!(during, Election::Lost { leader }, "{}", b.name);
-    assert_eq!(after, Election::Won, "{}", b.name);
+    assert_eq!(
+        during,
+        Election::Lost {
+            leader,
+            generation: 0
+        },
+        "{}",
+        b.name
+    );
+    assert_eq!(after, Election::Won { generation: 0 }, "{}", b.name);
 }
 
 async fn a_wait_for_an_unknown_fence_returns_nothing_at_its_deadline(b: Backend) {
@@ -437,7 +529,7 @@ async fn a_wait_for_an_unknown_fence_returns_nothing_at_its_deadline(b: Backend)
     let leader = Fence::random();
     assert_eq!(
         b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-        Election::Won
+        Election::Won { generation: 0 }
     );
     b.store(0)
         .complete(
@@ -446,6 +538,7 @@ async fn a_wait_for_an_unknown_fence_returns_nothing_at_its_deadline(b: Backend)
             &SEAL,
             b"outcome".to_vec(),
             Keep::Flight { ttl: TTL },
+            &FRESH,
         )
         .await
         .unwrap();
@@ -454,13 +547,14 @@ async fn a_wait_for_an_unknown_fence_returns_nothing_at_its_deadline(b: Backend)
     let deadline = started + Duration::from_millis(400);
     let waited = b
         .store(1)
-        .wait(&k, &Fence::random(), &SEAL, deadline)
+        .wait(&k, &Fence::random(), &SEAL, &FRESH, deadline)
         .await
         .unwrap();
     let took = started.elapsed();
 
     assert_eq!(
-        waited, None,
+        waited,
+        Waited::Elapsed,
         "{}: another flight's outcome is not ours",
         b.name
     );
@@ -476,12 +570,19 @@ async fn invalidating_a_key_removes_its_replay_and_tells_every_handle(b: Backend
     let (k, kept) = (key("invalidated"), key("kept"));
     for k in [k, kept] {
         b.store(0)
-            .complete(&k, &Fence::random(), &SEAL, b"pair".to_vec(), replay(TTL))
+            .complete(
+                &k,
+                &Fence::random(),
+                &SEAL,
+                b"pair".to_vec(),
+                replay(TTL),
+                &FRESH,
+            )
             .await
             .unwrap();
     }
 
-    b.store(1).invalidate(&k).await.unwrap();
+    b.store(1).invalidate(&k, LIFE).await.unwrap();
 
     let heard_by_all = until(|| b.heard().iter().all(|heard| !heard.is_empty()));
     timeout(SETTLE, heard_by_all)
@@ -495,13 +596,13 @@ async fn invalidating_a_key_removes_its_replay_and_tells_every_handle(b: Backend
     );
     for i in 0..HANDLES {
         assert_eq!(
-            b.store(i).load(&k, &SEAL).await.unwrap(),
+            b.store(i).load(&k, &SEAL, None).await.unwrap(),
             None,
             "{}",
             b.name
         );
         assert_stored(
-            b.store(i).load(&kept, &SEAL).await.unwrap(),
+            b.store(i).load(&kept, &SEAL, None).await.unwrap(),
             b"pair",
             true,
             TTL,
@@ -522,7 +623,8 @@ async fn invalidating_a_group_removes_that_groups_replays_only_and_tells_every_h
                 &Fence::random(),
                 &SEAL,
                 b"alice".to_vec(),
-                in_group(&alice),
+                replay(TTL),
+                &in_group(&alice),
             )
             .await
             .unwrap();
@@ -533,7 +635,8 @@ async fn invalidating_a_group_removes_that_groups_replays_only_and_tells_every_h
             &Fence::random(),
             &SEAL,
             b"bob".to_vec(),
-            in_group(&bob),
+            replay(TTL),
+            &in_group(&bob),
         )
         .await
         .unwrap();
@@ -544,11 +647,12 @@ async fn invalidating_a_group_removes_that_groups_replays_only_and_tells_every_h
             &SEAL,
             b"loner".to_vec(),
             replay(TTL),
+            &FRESH,
         )
         .await
         .unwrap();
 
-    b.store(2).invalidate_group(&alice).await.unwrap();
+    b.store(2).invalidate_group(&alice, LIFE).await.unwrap();
 
     let heard_by_all = until(|| b.heard().iter().all(|heard| !heard.is_empty()));
     timeout(SETTLE, heard_by_all)
@@ -563,20 +667,20 @@ async fn invalidating_a_group_removes_that_groups_replays_only_and_tells_every_h
     for i in 0..HANDLES {
         for k in alices {
             assert_eq!(
-                b.store(i).load(&k, &SEAL).await.unwrap(),
+                b.store(i).load(&k, &SEAL, None).await.unwrap(),
                 None,
                 "{}",
                 b.name
             );
         }
         assert_stored(
-            b.store(i).load(&bobs, &SEAL).await.unwrap(),
+            b.store(i).load(&bobs, &SEAL, None).await.unwrap(),
             b"bob",
             true,
             TTL,
         );
         assert_stored(
-            b.store(i).load(&loner, &SEAL).await.unwrap(),
+            b.store(i).load(&loner, &SEAL, None).await.unwrap(),
             b"loner",
             true,
             TTL,
@@ -588,11 +692,18 @@ async fn a_replay_expires_after_its_ttl(b: Backend) {
     let k = key("expires");
     let ttl = Duration::from_millis(300);
     b.store(0)
-        .complete(&k, &Fence::random(), &SEAL, b"pair".to_vec(), replay(ttl))
+        .complete(
+            &k,
+            &Fence::random(),
+            &SEAL,
+            b"pair".to_vec(),
+            replay(ttl),
+            &FRESH,
+        )
         .await
         .unwrap();
     assert_stored(
-        b.store(1).load(&k, &SEAL).await.unwrap(),
+        b.store(1).load(&k, &SEAL, None).await.unwrap(),
         b"pair",
         true,
         ttl,
@@ -602,14 +713,204 @@ async fn a_replay_expires_after_its_ttl(b: Backend) {
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
 
     assert_eq!(
-        b.store(1).load(&k, &SEAL).await.unwrap(),
+        b.store(1).load(&k, &SEAL, None).await.unwrap(),
         None,
         "{}",
         b.name
     );
     let deadline = Instant::now() + Duration::from_millis(100);
-    let waited = b.store(2).wait(&k, &Fence::random(), &SEAL, deadline).await;
-    assert_eq!(waited.unwrap(), None, "{}", b.name);
+    let waited = b
+        .store(2)
+        .wait(&k, &Fence::random(), &SEAL, &FRESH, deadline)
+        .await;
+    assert_eq!(waited.unwrap(), Waited::Elapsed, "{}", b.name);
+}
+
+async fn a_completion_after_its_key_was_invalidated_stores_nothing_and_its_follower_is_told(
+    b: Backend,
+) {
+    b.settle().await;
+    let k = key("revoked flight");
+    let leader = Fence::random();
+    assert_eq!(
+        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+        Election::Won { generation: 0 }
+    );
+    let lost = b.store(1).elect(&k, &Fence::random(), LEASE).await.unwrap();
+    assert_eq!(
+        lost,
+        Election::Lost {
+            leader: leader.clone(),
+            generation: 0
+        },
+        "{}",
+        b.name
+    );
+
+    let before = b.reads().await;
+    let follower = {
+        let store = b.stores[1].clone();
+        let leader = leader.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            store
+                .wait(&k, &leader, &SEAL, &Generations::key(0), deadline)
+                .await
+        })
+    };
+    b.wait_started(before).await;
+    b.store(2).invalidate(&k, LIFE).await.unwrap();
+    let waited = timeout(SETTLE, follower)
+        .await
+        .expect("the follower is told");
+    let completed = b
+        .store(0)
+        .complete(
+            &k,
+            &leader,
+            &SEAL,
+            b"pair".to_vec(),
+            replay(TTL),
+            &Generations::key(0),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(waited.unwrap().unwrap(), Waited::Revoked, "{}", b.name);
+    assert_eq!(completed, Completed::Revoked, "{}", b.name);
+    assert_eq!(
+        b.store(1).load(&k, &SEAL, None).await.unwrap(),
+        None,
+        "{}",
+        b.name
+    );
+    // The revoked completion released the lock: the next request leads, under the new
+    // generation.
+    let next = b.store(2).elect(&k, &Fence::random(), LEASE).await.unwrap();
+    assert_eq!(next, Election::Won { generation: 1 }, "{}", b.name);
+}
+
+async fn a_follower_elected_after_the_invalidation_learns_that_its_leader_was_revoked(b: Backend) {
+    let k = key("revoked leader");
+    let leader = Fence::random();
+    assert_eq!(
+        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+        Election::Won { generation: 0 }
+    );
+    b.store(2).invalidate(&k, LIFE).await.unwrap();
+    let lost = b.store(1).elect(&k, &Fence::random(), LEASE).await.unwrap();
+    let completed = b
+        .store(0)
+        .complete(
+            &k,
+            &leader,
+            &SEAL,
+            b"401".to_vec(),
+            Keep::Flight { ttl: TTL },
+            &Generations::key(0),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let waited = b
+        .store(1)
+        .wait(&k, &leader, &SEAL, &Generations::key(1), deadline)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        lost,
+        Election::Lost {
+            leader: leader.clone(),
+            generation: 1
+        },
+        "{}",
+        b.name
+    );
+    assert_eq!(completed, Completed::Revoked, "{}", b.name);
+    assert_eq!(waited, Waited::Revoked, "{}", b.name);
+}
+
+async fn a_group_invalidated_during_a_flight_makes_its_completion_revoked(b: Backend) {
+    let (k, group) = (key("alice's device"), key("group alice, revoked"));
+    let generation = b.store(0).group_generation(&group, LIFE).await.unwrap();
+    let leader = Fence::random();
+    assert_eq!(
+        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+        Election::Won { generation: 0 }
+    );
+    let started = Generations::key(0).in_group(group, generation);
+
+    b.store(1).invalidate_group(&group, LIFE).await.unwrap();
+    let completed = b
+        .store(0)
+        .complete(&k, &leader, &SEAL, b"pair".to_vec(), replay(TTL), &started)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let waited = b
+        .store(2)
+        .wait(&k, &leader, &SEAL, &started, deadline)
+        .await
+        .unwrap();
+
+    assert_eq!(generation, 0, "{}", b.name);
+    assert_eq!(completed, Completed::Revoked, "{}", b.name);
+    assert_eq!(waited, Waited::Revoked, "{}", b.name);
+    for i in 0..HANDLES {
+        let loaded = b.store(i).load(&k, &SEAL, Some(&group)).await.unwrap();
+        assert_eq!(loaded, None, "{}", b.name);
+    }
+    assert_eq!(
+        b.store(1).group_generation(&group, LIFE).await.unwrap(),
+        1,
+        "{}",
+        b.name
+    );
+    let next = b.store(2).elect(&k, &Fence::random(), LEASE).await.unwrap();
+    assert_eq!(
+        next,
+        Election::Won { generation: 0 },
+        "{}: the lock is free",
+        b.name
+    );
+}
+
+async fn a_value_stored_under_an_old_group_generation_neither_loads_nor_arrives(b: Backend) {
+    // Stored while its group was at generation 0 (without being its member, so that the
+    // group's invalidation cannot delete it): once the group moves on, the value is refused.
+    let (k, group) = (key("old generation"), key("group moved on"));
+    let leader = Fence::random();
+    b.store(0).elect(&k, &leader, LEASE).await.unwrap();
+    b.store(0)
+        .complete(&k, &leader, &SEAL, b"pair".to_vec(), replay(TTL), &FRESH)
+        .await
+        .unwrap();
+    assert_stored(
+        b.store(1).load(&k, &SEAL, Some(&group)).await.unwrap(),
+        b"pair",
+        true,
+        TTL,
+    );
+
+    b.store(2).invalidate_group(&group, LIFE).await.unwrap();
+
+    let loaded = b.store(1).load(&k, &SEAL, Some(&group)).await.unwrap();
+    let started = Generations::key(0).in_group(group, 1);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let waited = b
+        .store(2)
+        .wait(&k, &leader, &SEAL, &started, deadline)
+        .await
+        .unwrap();
+    assert_eq!(loaded, None, "{}", b.name);
+    assert_eq!(waited, Waited::Revoked, "{}", b.name);
+    assert_stored(
+        b.store(1).load(&k, &SEAL, None).await.unwrap(),
+        b"pair",
+        true,
+        TTL,
+    );
 }
 
 /// Stamps out one `#[tokio::test]` per case for each backend.
@@ -651,6 +952,10 @@ conformance!(
     invalidating_a_key_removes_its_replay_and_tells_every_handle,
     invalidating_a_group_removes_that_groups_replays_only_and_tells_every_handle,
     a_replay_expires_after_its_ttl,
+    a_completion_after_its_key_was_invalidated_stores_nothing_and_its_follower_is_told,
+    a_follower_elected_after_the_invalidation_learns_that_its_leader_was_revoked,
+    a_group_invalidated_during_a_flight_makes_its_completion_revoked,
+    a_value_stored_under_an_old_group_generation_neither_loads_nor_arrives,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -670,10 +975,17 @@ mod redis_only {
         let leader = Fence::random();
         assert_eq!(
             b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-            Election::Won
+            Election::Won { generation: 0 }
         );
         b.store(0)
-            .complete(&k, &leader, &SEAL, PLAINTEXT.to_vec(), in_group(&group))
+            .complete(
+                &k,
+                &leader,
+                &SEAL,
+                PLAINTEXT.to_vec(),
+                replay(TTL),
+                &in_group(&group),
+            )
             .await
             .unwrap();
         b.store(0)
@@ -683,13 +995,14 @@ mod redis_only {
                 &SEAL,
                 PLAINTEXT.to_vec(),
                 Keep::Flight { ttl: TTL },
+                &FRESH,
             )
             .await
             .unwrap();
         // Completing with a flight outcome released the lock; take it again for the dump.
         assert_eq!(
             b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-            Election::Won
+            Election::Won { generation: 0 }
         );
         (k, group, leader)
     }
@@ -708,12 +1021,15 @@ mod redis_only {
     async fn the_first_command_after_redis_restarts_succeeds() {
         let mut b = redis();
         let k = key("restart");
-        assert_eq!(b.store(0).load(&k, &SEAL).await.unwrap(), None);
+        assert_eq!(b.store(0).load(&k, &SEAL, None).await.unwrap(), None);
 
         b.redis.as_mut().unwrap().server.kill();
         let gone = until(|| !b.redis.as_ref().unwrap().stores[0].is_subscribed());
         timeout(SETTLE, gone).await.expect("the subscriber notices");
-        assert!(b.store(0).load(&k, &SEAL).await.is_err(), "Redis is down");
+        assert!(
+            b.store(0).load(&k, &SEAL, None).await.is_err(),
+            "Redis is down"
+        );
         // A real wait: the outage lasts a second, longer than the connection's own attempts to
         // reconnect after that failure.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -721,7 +1037,7 @@ mod redis_only {
         // Redis answers this process again: the store's subscriber is back.
         b.settle().await;
 
-        let after = b.store(0).load(&k, &SEAL).await;
+        let after = b.store(0).load(&k, &SEAL, None).await;
         assert!(after.is_ok(), "{after:?}");
     }
 
@@ -783,11 +1099,79 @@ mod redis_only {
             let (hex, suffix) = rest.split_once("}:").expect("a braced hash tag");
             assert_eq!(hex.len(), 64, "{name}");
             assert!(hex.bytes().all(|c| c.is_ascii_hexdigit()), "{name}");
-            let fixed = ["lock", "res", "members"].contains(&suffix)
+            let fixed = ["lock", "res", "members", "gen"].contains(&suffix)
                 || suffix
                     .strip_prefix("out:")
                     .is_some_and(|fence| fence.bytes().all(|c| c.is_ascii_hexdigit()));
             assert!(fixed, "{name}: unexpected suffix {suffix}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_value_past_its_sealed_expiry_is_refused_even_if_redis_keeps_it() {
+        let b = redis();
+        let k = key("sealed expiry");
+        let ttl = Duration::from_millis(300);
+        b.store(0)
+            .complete(
+                &k,
+                &Fence::random(),
+                &SEAL,
+                b"pair".to_vec(),
+                replay(ttl),
+                &FRESH,
+            )
+            .await
+            .unwrap();
+        // Someone with access to Redis makes the value live forever.
+        let mut con = dump_of(&b).connection().await;
+        let name = format!("rc:{{{}}}:res", k.to_hex());
+        let persisted: i64 = redis::cmd("PERSIST")
+            .arg(&name)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(persisted, 1);
+
+        // A real wait: the sealed expiry has to pass.
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+
+        assert_eq!(b.store(1).load(&k, &SEAL, None).await.unwrap(), None);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let waited = b
+            .store(2)
+            .wait(&k, &Fence::random(), &SEAL, &FRESH, deadline)
+            .await;
+        assert_eq!(waited.unwrap(), Waited::Elapsed);
+    }
+
+    #[tokio::test]
+    async fn the_generations_invalidations_leave_expire_after_their_life() {
+        let b = redis();
+        let (k, group) = (key("gen key"), key("gen group"));
+        b.store(0).invalidate(&k, LIFE).await.unwrap();
+        b.store(0).invalidate_group(&group, LIFE).await.unwrap();
+
+        let dump = dump_of(&b).dump().await;
+
+        let mut names: Vec<String> = dump
+            .iter()
+            .map(|(name, _, _)| String::from_utf8_lossy(name).into_owned())
+            .collect();
+        names.sort();
+        let mut expected = vec![
+            format!("rc:{{{}}}:gen", k.to_hex()),
+            format!("rc:{{{}}}:gen", group.to_hex()),
+        ];
+        expected.sort();
+        assert_eq!(names, expected);
+        for (name, pttl, value) in &dump {
+            assert!(
+                *pttl > 0 && *pttl <= LIFE.as_millis() as i64,
+                "{} has PTTL {pttl}",
+                String::from_utf8_lossy(name)
+            );
+            assert_eq!(value, b"1");
         }
     }
 }
