@@ -208,9 +208,9 @@ impl Cold {
 impl Entry {
     /// Whether `invalidate_group(group)` reaches this entry: by its group or its tag.
     fn named(&self, group: &Fingerprint) -> bool {
-        self.cold
-            .as_ref()
-            .is_some_and(|cold| cold.group.as_ref() == Some(group) || cold.tag.as_ref() == Some(group))
+        self.cold.as_ref().is_some_and(|cold| {
+            cold.group.as_ref() == Some(group) || cold.tag.as_ref() == Some(group)
+        })
     }
 
     fn not_after(&self) -> Option<SystemTime> {
@@ -480,7 +480,9 @@ impl Table {
         // leaders of one group in several shards cannot pass the cap together.
         let mut counts = group.map(|group| self.group_counts(&group));
         if let Some((counts, tag)) = &counts
-            && counts.get(tag).is_some_and(|n| *n >= self.limits.max_per_group)
+            && counts
+                .get(tag)
+                .is_some_and(|n| *n >= self.limits.max_per_group)
         {
             return Err(Overloaded::new(Limit::Group).into());
         }
@@ -634,7 +636,10 @@ impl Table {
         let entry = shard.remove(&key)?;
         debug_assert_eq!(entry.id, id);
         self.len.fetch_sub(1, Ordering::SeqCst);
-        let names = entry.cold.as_ref().map_or([None, None], |c| [c.group, c.tag]);
+        let names = entry
+            .cold
+            .as_ref()
+            .map_or([None, None], |c| [c.group, c.tag]);
         for name in names.iter().flatten() {
             let (mut counts, tag) = self.group_counts(name);
             if let Some(count) = counts.get_mut(&tag) {
@@ -687,7 +692,10 @@ impl Table {
             entries += shard.len();
             for entry in shard.values() {
                 flights += usize::from(matches!(entry.state, State::Flight(_)));
-                let names = entry.cold.as_ref().map_or([None, None], |c| [c.group, c.tag]);
+                let names = entry
+                    .cold
+                    .as_ref()
+                    .map_or([None, None], |c| [c.group, c.tag]);
                 for name in names.iter().flatten() {
                     *grouped.entry(self.group_counts(name).1).or_default() += 1;
                 }

@@ -390,7 +390,13 @@ where
     }
     let generation_life = remote.generation_life(ttl);
     match remote
-        .elect(&key, group.as_ref(), tag.as_ref(), generation_life, counters)
+        .elect(
+            &key,
+            group.as_ref(),
+            tag.as_ref(),
+            generation_life,
+            counters,
+        )
         .await
     {
         Plan::Local => {

@@ -83,7 +83,8 @@ type Bind = Arc<dyn Fn(&::http::request::Parts) -> Option<Vec<u8>> + Send + Sync
 
 /// Names the stable identity of a client assertion (see
 /// [`HttpExtract::client_assertion_identity`]).
-type AssertionIdentity = Arc<dyn Fn(&ClientAssertion<'_>) -> Result<String, Rejected> + Send + Sync>;
+type AssertionIdentity =
+    Arc<dyn Fn(&ClientAssertion<'_>) -> Result<String, Rejected> + Send + Sync>;
 
 struct ExtractConfig<V> {
     paths: Option<Vec<String>>,
@@ -380,9 +381,9 @@ where
         if !(self.inner.reads_body && matches!(kind, Some(BodyKind::Json | BodyKind::Form))) {
             // Header sources only: decided now, and the body streams on untouched.
             let unread = !body.is_end_stream();
-            let result = self
-                .inner
-                .finish(parts, RequestBody::streaming(body), None, unread, http1);
+            let result =
+                self.inner
+                    .finish(parts, RequestBody::streaming(body), None, unread, http1);
             return ExtractFuture::ready(result);
         }
         let config = self.inner.clone();
@@ -434,8 +435,13 @@ impl<V: Verify> ExtractConfig<V> {
     ) -> ExtractResult<B> {
         let closes = unread && http1;
         let close = |refused: Rejected| refused.closing(closes);
-        let presented =
-            grant::presented(&self.sources, &parts.headers, read, unread, self.max_token_len)
+        let presented = grant::presented(
+            &self.sources,
+            &parts.headers,
+            read,
+            unread,
+            self.max_token_len,
+        )
         .map_err(close)?;
         let Some((token, client)) = presented else {
             return Ok(Extracted::Bypass(Request::from_parts(parts, body)));
@@ -444,7 +450,12 @@ impl<V: Verify> ExtractConfig<V> {
         let binding = self.bind.as_ref().and_then(|bind| bind(&parts));
         let sender = self.sender(&parts).map_err(close)?;
         let grant = RefreshGrant::new(token, client).with_sender(sender.thumbprint());
-        let party = party(grant.client(), identity.as_deref(), binding.as_deref(), &sender);
+        let party = party(
+            grant.client(),
+            identity.as_deref(),
+            binding.as_deref(),
+            &sender,
+        );
         let mut request = Request::from_parts(parts, body);
         if !self.by_subject {
             let key = self.keys.token_key(grant.token(), &party);
@@ -479,14 +490,14 @@ impl<V: Verify> ExtractConfig<V> {
     /// The stable identity of a client assertion, where the integrator names one.
     fn assertion_identity(&self, client: &Client) -> Result<Option<String>, Rejected> {
         match (&self.assertion_identity, &client.credential) {
-            (Some(identify), Credential::Assertion { kind, assertion }) => identify(
-                &ClientAssertion {
+            (Some(identify), Credential::Assertion { kind, assertion }) => {
+                identify(&ClientAssertion {
                     client_id: client.id.as_deref(),
                     kind,
                     assertion,
-                },
-            )
-            .map(Some),
+                })
+                .map(Some)
+            }
             _ => Ok(None),
         }
     }
@@ -503,7 +514,9 @@ impl<V: Verify> ExtractConfig<V> {
             )));
         }
         let proof = proof.to_str().map_err(|_| {
-            Rejected::new(Rejection::InvalidDpopProof("DPoP header is not visible ASCII"))
+            Rejected::new(Rejection::InvalidDpopProof(
+                "DPoP header is not visible ASCII",
+            ))
         })?;
         #[cfg(feature = "jwt")]
         if let Some(verifier) = &self.dpop {
@@ -922,7 +935,8 @@ impl Buffered {
             trailers: trailers.map(|trailers| Box::new(wire::Packed::pack(trailers))),
             // RFC 9449 §8: a nonce challenge answers one proof; replaying it would hand a
             // stale nonce to the next one, whatever the policy says.
-            replayable: replay_if(status, headers, trailers) && !is_nonce_challenge(status, headers),
+            replayable: replay_if(status, headers, trailers)
+                && !is_nonce_challenge(status, headers),
         }
     }
 }

@@ -380,7 +380,8 @@ pub trait Extract<Req> {
     /// `request` is the request the inner service will receive: an implementation may hand
     /// the inner service what it verified there (the HTTP front puts a
     /// [`RefreshGrant`](crate::http::RefreshGrant) in its extensions).
-    fn admit(&self, token: Self::Token, request: &mut Self::Request) -> Result<Admission, BoxError>;
+    fn admit(&self, token: Self::Token, request: &mut Self::Request)
+    -> Result<Admission, BoxError>;
 }
 
 impl<Req, K, F> Extract<Req> for F

@@ -64,7 +64,10 @@ const GATHER_LIMIT: Duration = Duration::from_secs(20);
 
 /// The HTTP front with opaque tokens, found in the default sources.
 fn http_layer() -> RefreshCoalesceLayer<HttpExtract<Opaque>, HttpShare> {
-    RefreshCoalesceLayer::http(HttpExtract::new(Opaque).secret(b"a test fingerprint secret of 32 B")).build()
+    RefreshCoalesceLayer::http(
+        HttpExtract::new(Opaque).secret(b"a test fingerprint secret of 32 B"),
+    )
+    .build()
 }
 
 /// A verifier for test tokens of the form `sub:<subject>:<nonce>`.

@@ -1066,7 +1066,15 @@ async fn two_devices_of_one_subject_each_get_their_own_pair() {
 async fn the_same_token_from_different_clients_is_not_shared() {
     let front = front();
     let token = tokens::refresh("alice");
-    let a = send(&front.service, form(&token, Some("client-a"))).await;
+    let a = {
+        let mut request = form(&token, Some("client-a"));
+        let body = format!(
+            "grant_type=refresh_token&refresh_token={token}&client_id=client-a&client_secret=pw"
+        );
+        *request.body_mut() = Body::from(body);
+        request
+    };
+    let a = send(&front.service, a).await;
     let b = send(&front.service, form(&token, Some("client-b"))).await;
     let basic_a = {
         let mut request = bearer(&token);
@@ -1085,7 +1093,7 @@ async fn the_same_token_from_different_clients_is_not_shared() {
     assert_eq!(
         a.json()["refresh_token"],
         a_again.json()["refresh_token"],
-        "client-a by Basic meets client-a by form"
+        "client-a's secret by Basic meets the same secret in the form"
     );
     assert_eq!(front.calls.get(), 2);
 }

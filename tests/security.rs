@@ -2,9 +2,9 @@
 //! alone, would authenticate both the same way (the same token, client, client credential
 //! and sender constraint). Each attack here was a way to receive another caller's pair.
 
-mod support;
 #[path = "support/dpop.rs"]
 mod dpop;
+mod support;
 #[path = "support/tokens.rs"]
 mod tokens;
 
@@ -257,7 +257,9 @@ async fn a_storm_of_one_client_makes_one_call_for_each_form_of_client_authentica
         (
             "json secret",
             Box::new(|token: &str, _| {
-                json_body(json!({"refresh_token": token, "client_id": "app", "client_secret": "secret"}))
+                json_body(
+                    json!({"refresh_token": token, "client_id": "app", "client_secret": "secret"}),
+                )
             }),
         ),
         (
@@ -286,10 +288,15 @@ async fn a_storm_of_one_client_makes_one_call_for_each_form_of_client_authentica
             .collect();
         until(|| front.calls.get() == 1 && front.handle.stats().joined == 99).await;
         front.gate.open();
-        let seen: Vec<Seen> = join_all(storm).await.into_iter().map(Result::unwrap).collect();
+        let seen: Vec<Seen> = join_all(storm)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(front.calls.get(), 1, "{name}: one inner call");
         assert!(
-            seen.iter().all(|s| *s == seen[0] && s.status == StatusCode::OK),
+            seen.iter()
+                .all(|s| *s == seen[0] && s.status == StatusCode::OK),
             "{name}: identical responses"
         );
     }
@@ -298,9 +305,7 @@ async fn a_storm_of_one_client_makes_one_call_for_each_form_of_client_authentica
 #[tokio::test]
 async fn client_assertions_are_keyed_whole_unless_an_identity_is_named() {
     let assertion = |n: usize| {
-        format!(
-            "&client_assertion_type=jwt-bearer&client_assertion=assertion-{n}&client_id=app"
-        )
+        format!("&client_assertion_type=jwt-bearer&client_assertion=assertion-{n}&client_id=app")
     };
     let front = front(extract());
     front.gate.open();
@@ -329,7 +334,10 @@ async fn client_assertions_are_keyed_whole_unless_an_identity_is_named() {
     assert_eq!(front.calls.get(), 1);
     let refused = send(
         &front.service,
-        form(&token, "&client_assertion_type=jwt-bearer&client_assertion=forged"),
+        form(
+            &token,
+            "&client_assertion_type=jwt-bearer&client_assertion=forged",
+        ),
     )
     .await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
@@ -405,7 +413,9 @@ async fn a_grant_read_without_the_layer_matches_the_layers_reading() {
     json.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
     let other = RefreshGrant::read(&headers, b"grant_type=password&username=u", &sources);
     assert!(other.unwrap().is_none(), "another grant type is no refresh");
-    assert!(RefreshGrant::read(&json, b"grant_type=refresh_token&refresh_token=t", &sources).is_err());
+    assert!(
+        RefreshGrant::read(&json, b"grant_type=refresh_token&refresh_token=t", &sources).is_err()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -431,9 +441,17 @@ async fn a_bad_dpop_proof_is_refused_before_the_inner_service() {
         "htu",
     );
     let mut request = form(&token, "");
-    request.headers_mut().insert("dpop", wrong_htu.parse().unwrap());
+    request
+        .headers_mut()
+        .insert("dpop", wrong_htu.parse().unwrap());
     cases.push(("another htu", request));
-    let old = dpop::proof(&dpop::ES256_A, "POST", HTU, tokens::now() as u64 - 600, "old");
+    let old = dpop::proof(
+        &dpop::ES256_A,
+        "POST",
+        HTU,
+        tokens::now() as u64 - 600,
+        "old",
+    );
     let mut request = form(&token, "");
     request.headers_mut().insert("dpop", old.parse().unwrap());
     cases.push(("an old iat", request));
@@ -449,7 +467,10 @@ async fn a_bad_dpop_proof_is_refused_before_the_inner_service() {
         request.headers_mut().insert("dpop", proof.parse().unwrap());
         request
     };
-    assert_eq!(send(&front.service, once(&proof)).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&front.service, once(&proof)).await.status,
+        StatusCode::OK
+    );
     let replayed = send(&front.service, once(&proof)).await;
     assert_eq!(replayed.json()["error"], "invalid_dpop_proof");
     assert_eq!(front.calls.get(), 1);
@@ -540,7 +561,10 @@ async fn different_subjects_never_share_a_key_in_subject_mode() {
 
 #[test]
 fn short_secrets_and_a_store_without_a_secret_are_refused_at_build() {
-    let short = RefreshCoalesceLayer::http(HttpExtract::new(Opaque).secret(b"31 bytes are not enough, sorry")).try_build();
+    let short = RefreshCoalesceLayer::http(
+        HttpExtract::new(Opaque).secret(b"31 bytes are not enough, sorry"),
+    )
+    .try_build();
     assert!(short.is_err());
     let random = RefreshCoalesceLayer::http(HttpExtract::new(Opaque))
         .store(MemoryStore::new())

@@ -903,7 +903,9 @@ impl Store for RedisStore {
                 members.iter().map(|member| self.invalidate(member, life)),
             )
             .await;
-            invalidated.into_iter().collect::<Result<(), StoreError>>()?;
+            invalidated
+                .into_iter()
+                .collect::<Result<(), StoreError>>()?;
             let mut pipe = redis::pipe();
             pipe.del(&members_key).ignore();
             pipe.publish(

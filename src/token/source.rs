@@ -194,7 +194,9 @@ impl Found {
     /// RFC 6749 §2.3: a client must not use more than one authentication method in a request.
     fn credential(&mut self, credential: Credential) -> Result<(), Rejected> {
         if self.client.credential != Credential::None && self.client.credential != credential {
-            return Err(malformed("more than one client authentication in the request"));
+            return Err(malformed(
+                "more than one client authentication in the request",
+            ));
         }
         self.client.credential = credential;
         Ok(())
@@ -618,7 +620,10 @@ mod tests {
         );
         let found = find(&sources, &HeaderMap::new(), Some((&body, BodyKind::Json))).unwrap();
         assert_eq!(found.client.id.as_deref(), Some("app"));
-        assert!(matches!(found.client.credential, Credential::Assertion { .. }));
+        assert!(matches!(
+            found.client.credential,
+            Credential::Assertion { .. }
+        ));
 
         let body = Bytes::from_static(b"grant_type=refresh_token&refresh_token=t&client_secret=x");
         let two = find(
@@ -648,11 +653,17 @@ mod tests {
     fn json_bodies_refuse_repeats_and_non_strings() {
         let token = |s: &'static str| {
             let mut found = Found::default();
-            json_body(&Bytes::from_static(s.as_bytes()), &TokenSource::defaults(), &mut found)
-                .map(|()| found.token)
+            json_body(
+                &Bytes::from_static(s.as_bytes()),
+                &TokenSource::defaults(),
+                &mut found,
+            )
+            .map(|()| found.token)
         };
         assert_eq!(
-            token(r#"{"refresh_token":"t","x":[1]}"#).unwrap().as_deref(),
+            token(r#"{"refresh_token":"t","x":[1]}"#)
+                .unwrap()
+                .as_deref(),
             Some("t")
         );
         assert!(token(r#"{"refresh_token":"a","refresh_token":"b"}"#).is_err());
