@@ -3,14 +3,16 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{AppendHeaders, IntoResponse, Response};
+use axum::{Extension, Json};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
+use tower_refresh_coalesce::error::{Rejected, Rejection};
+use tower_refresh_coalesce::{RefreshGrant, TokenSource};
 
 use super::crypto::token_hash;
 use super::metrics::METRICS_CONTENT_TYPE;
@@ -167,6 +169,18 @@ impl From<jsonwebtoken::errors::Error> for ApiError {
 }
 
 /// Runs blocking store work on tokio's blocking pool.
+impl From<Rejected> for ApiError {
+    /// A request refused by the reading the layer shares ([`RefreshGrant::read`]).
+    fn from(rejected: Rejected) -> Self {
+        match rejected.rejection() {
+            Rejection::MissingToken => Self::invalid_request("missing refresh token"),
+            Rejection::Malformed(why) => Self::invalid_request(why),
+            Rejection::BodyTooLarge => Self::body_too_large(),
+            _ => Self::invalid_grant("malformed refresh token"),
+        }
+    }
+}
+
 async fn blocking<T, F>(state: &AppState, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
@@ -245,18 +259,21 @@ enum BodyFormat {
     Form,
 }
 
-/// JSON when the content type says so or the body is a JSON object (clients such as
-/// `curl -d` send JSON with a form content type); otherwise form-urlencoded.
+/// JSON when the content type says so (`application/json` or `+json`), otherwise
+/// form-urlencoded: by `Content-Type` alone, as the coalescing layer reads a body, so that
+/// the handler never acts on another token than the one the layer verified.
 /// `None` for an empty body.
 fn body_format(headers: &HeaderMap, body: &[u8]) -> Option<BodyFormat> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
     let essence = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .map(|v| v.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    if *first == b'{' || essence == "application/json" || essence.ends_with("+json") {
+    if essence == "application/json" || essence.ends_with("+json") {
         Some(BodyFormat::Json)
     } else {
         Some(BodyFormat::Form)
@@ -280,13 +297,6 @@ fn form_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
 fn take_param(pairs: &mut Vec<(String, String)>, name: &str) -> Option<String> {
     let index = pairs.iter().position(|(k, _)| k == name)?;
     Some(pairs.swap_remove(index).1)
-}
-
-/// Which endpoint a token is presented to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
-    Refresh,
-    Logout,
 }
 
 /// A refresh token as presented, and the client that presented it if it said.
@@ -446,17 +456,12 @@ struct JsonTokenRequest {
     client_secret: Option<String>,
 }
 
-/// Finds the refresh token in the body (JSON `{"refresh_token"}` or an RFC 6749 §6 form),
-/// the `refresh_token` cookie or `Authorization: Bearer`.
+/// Finds the token of a logout (RFC 7009) in the body (JSON `{"refresh_token"}`, or a form
+/// with `token` or `refresh_token`), the `refresh_token` cookie or `Authorization: Bearer`.
 ///
 /// Several copies of the same token are fine; different tokens in one request are
-/// refused with `invalid_request`, so the token this handler acts on is always the one a
-/// layer in front of it keyed the request by.
-fn presented_token(
-    headers: &HeaderMap,
-    body: &[u8],
-    endpoint: Endpoint,
-) -> Result<Presented, ApiError> {
+/// refused with `invalid_request`.
+fn presented_token(headers: &HeaderMap, body: &[u8]) -> Result<Presented, ApiError> {
     let mut tokens: Vec<String> = Vec::new();
     let mut client_ids: Vec<String> = Vec::new();
     let mut client_secrets: Vec<String> = Vec::new();
@@ -480,26 +485,9 @@ fn presented_token(
         }
         Some(BodyFormat::Form) => {
             let mut pairs = form_pairs(body)?;
-            let grant_type = take_param(&mut pairs, "grant_type");
             let refresh_token = take_param(&mut pairs, "refresh_token");
-            match endpoint {
-                Endpoint::Refresh => match grant_type.as_deref() {
-                    Some("refresh_token") => {}
-                    Some(_) => {
-                        return Err(ApiError::new(
-                            StatusCode::BAD_REQUEST,
-                            "unsupported_grant_type",
-                            "only grant_type=refresh_token is supported here",
-                        ));
-                    }
-                    None if refresh_token.is_some() => {
-                        return Err(ApiError::invalid_request("grant_type is required"));
-                    }
-                    None => {}
-                },
-                // RFC 7009 names the parameter `token`; accept both.
-                Endpoint::Logout => tokens.extend(take_param(&mut pairs, "token")),
-            }
+            // RFC 7009 names the parameter `token`; accept both.
+            tokens.extend(take_param(&mut pairs, "token"));
             tokens.extend(refresh_token);
             client_ids.extend(take_param(&mut pairs, "client_id"));
             client_secrets.extend(take_param(&mut pairs, "client_secret"));
@@ -653,21 +641,60 @@ async fn login_inner(
 /// any body type the router is given and a layer in front of it can buffer and replay it.
 pub async fn refresh(
     State(state): State<AppState>,
+    grant: Option<Extension<RefreshGrant>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = refresh_inner(&state, &headers, body).await;
+    let result = refresh_inner(&state, grant.map(|Extension(grant)| grant), &headers, body).await;
     state.metrics().refresh_request(outcome(&result));
     result.into_response()
 }
 
+/// The refresh request: what the coalescing layer verified and keyed, when it runs in
+/// front of this route; otherwise read here exactly as the layer reads it.
+fn refresh_grant(
+    grant: Option<RefreshGrant>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Presented, ApiError> {
+    let grant = match grant {
+        Some(grant) => grant,
+        None => match RefreshGrant::read(headers, body, &TokenSource::defaults()) {
+            Ok(Some(grant)) => grant,
+            Ok(None) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_grant_type",
+                    "only grant_type=refresh_token is supported here",
+                ));
+            }
+            Err(rejected) => return Err(ApiError::from(rejected)),
+        },
+    };
+    if grant.client_assertion().is_some() {
+        return Err(ApiError::invalid_client(
+            "client assertions are not supported here",
+        ));
+    }
+    let client = ClientCredentials::collect(
+        None,
+        grant.client_id().map(str::to_owned),
+        grant.client_secret().map(str::to_owned),
+    )?;
+    Ok(Presented {
+        token: grant.token().to_owned(),
+        client,
+    })
+}
+
 async fn refresh_inner(
     state: &AppState,
+    grant: Option<RefreshGrant>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body)?;
-    let Presented { token, client } = presented_token(headers, &body, Endpoint::Refresh)?;
+    let Presented { token, client } = refresh_grant(grant, headers, &body)?;
     // Client authentication is decided before anything touches the token: a request with
     // a wrong secret never consumes it and never revokes its family.
     let client_id = client.id.clone();
@@ -764,7 +791,7 @@ async fn logout_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = read_body(body)?;
-    let Presented { token, client } = presented_token(headers, &body, Endpoint::Logout)?;
+    let Presented { token, client } = presented_token(headers, &body)?;
     let client_id = client.id.clone();
     let presenter = blocking(state, move |state| authenticate_client(state, &client)).await?;
     let now = unix_now();
