@@ -207,6 +207,12 @@ impl fmt::Debug for DpopVerifier {
     }
 }
 
+impl Default for DpopVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl DpopVerifier {
     /// A verifier with the defaults of [`builder`](Self::builder).
     ///
