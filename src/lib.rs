@@ -82,21 +82,29 @@
 //!    `refresh_token` or an RFC 6749 §6 form, in that order ([`TokenSource`]). The body is
 //!    read only for the body sources, capped at 16 KiB (`413` beyond), and handed on
 //!    unchanged. `Authorization: Basic` is client authentication, never the token.
-//! 2. **Key it**: a keyed hash of the exact token and the client id (the Basic user or the
-//!    form's `client_id`).
+//! 2. **Key it**: a keyed hash of the exact token and of everything else the inner service
+//!    authenticates: the client id (Basic, form or JSON `client_id`), the client credential
+//!    (Basic or `client_secret` secret, or the RFC 7523 `client_assertion`), the RFC 7638
+//!    thumbprint of a verified DPoP proof's key (RFC 9449), and what
+//!    [`HttpExtract::bind`] adds (an mTLS certificate thumbprint, say).
 //! 3. **Replay or join** a live entry for that key, without a second signature check (the
 //!    bytes are identical) but not past the token's `exp`.
 //! 4. **Verify** before leading: [`JwtVerifier`] pins algorithms, checks `exp` and `nbf`
 //!    with a 5 s leeway, requires a non-empty `sub`, checks `iss`/`aud` when configured,
 //!    refuses access tokens by `typ` or a claim, refuses unknown `crit` and tokens over
-//!    4 KiB. [`Opaque`] leaves judgement to the inner service.
+//!    4 KiB. [`Opaque`] leaves judgement to the inner service. The leader's request carries
+//!    what was verified as a [`RefreshGrant`] extension: the inner service acts on it, and an
+//!    inner service that also runs without the layer reads requests with
+//!    [`RefreshGrant::read`], the layer's own reading.
 //! 5. **Share** the inner response: buffered once (up to 64 KiB) and rebuilt byte-identical
 //!    for every caller, `Set-Cookie`, `Cache-Control` and trailers included. Only `2xx` is
 //!    replayed.
 //!
-//! Refusals are JSON: `400 invalid_request` (no or malformed token), `401 invalid_grant`
-//! (status configurable), `413`, `429` with `Retry-After` for a caller that waited too long,
-//! `503` with `Retry-After` for overload or a failed flight. With [`HttpShare::grpc`] they are
+//! Refusals are JSON: `400 invalid_request` (no or malformed token, two client
+//! authentication methods), `400 invalid_dpop_proof`, `401 invalid_grant` (status
+//! configurable), `413`, `429` with `Retry-After` for a caller that waited too long, `503`
+//! with `Retry-After` for overload, a subject over its cap or a failed flight. A refusal sent
+//! before the request body was read carries `Connection: close` on HTTP/1. With [`HttpShare::grpc`] they are
 //! trailers-only gRPC statuses instead. No refusal ever reaches the inner service, and none
 //! echoes the token.
 //!
@@ -222,19 +230,36 @@
 //!
 //! # Security
 //!
-//! - **Token-bound keys.** Entries are matched on the exact token and client, through a
-//!   keyed hash; raw tokens are never stored, logged or used as keys. Matching by the user
-//!   alone would hand an old, already rotated (possibly stolen) token the user's fresh pair,
-//!   hide the reuse from the identity server, and give one device another's session; it is
-//!   available only as the documented opt-in [`HttpExtract::match_by_subject`].
+//! - **The rule.** Two requests share one answer only if the inner service, given each
+//!   alone, would authenticate both the same way: the same refresh token, the same client
+//!   id, the same client credential (secret or assertion) and the same sender constraint
+//!   (DPoP key, or the integrator's [`HttpExtract::bind`]). A thief holding the token but not
+//!   the client secret or the DPoP key never joins the victim's refresh and never receives
+//!   its replay; it meets the inner service alone, which refuses it.
+//! - **Its limits.** A *public* client's token is its only credential: whoever holds it
+//!   within the `ttl` receives the replay that the rightful client would, so the TTL is a
+//!   reuse window; use DPoP (or mTLS through [`HttpExtract::bind`]) to bind public clients.
+//!   The layer checks what it can see of the request (the DPoP proof fully, including its
+//!   signature and `jti`); client secrets and assertions are compared exactly but judged by
+//!   the inner service. Client authentication in a body is read only with a body source.
+//! - **Token-bound keys.** Entries are matched through a keyed hash (a secret of at least 32
+//!   bytes; a layer with a store refuses to build without one); raw tokens are never stored,
+//!   logged or used as keys. Matching by the user alone would hand an old, already rotated
+//!   (possibly stolen) token the user's fresh pair, hide the reuse from the identity server,
+//!   and give one device another's session; it is available only as the documented opt-in
+//!   [`HttpExtract::match_by_subject`], where different subjects still never share a key, a
+//!   token without a subject never coalesces, and [`Opaque`] or a store is refused at build.
+//! - **Bounded per subject.** One subject holds at most 32 live entries
+//!   ([`Builder::max_entries_per_group`]); beyond that only that subject gets `503`.
 //! - **Verification first.** A request may call the inner service only after
 //!   [`Extract::admit`] verified it. Requests matching a live entry carry identical bytes and
 //!   skip a second check, but never past the token's own expiry.
 //! - **Reuse stays visible.** A different token of a subject with a live entry goes to the
 //!   inner service like any other and is counted as `reuse_suspected`.
 //! - **The TTL is a reuse window.** Keep `ttl` (30 s) shorter than the identity server's own
-//!   grace period for a rotated token, and call [`Handle::invalidate_subject`] on logout and
-//!   password change so a revoked family is never replayed: on every instance, the
+//!   grace period for a rotated token, and call [`Handle::invalidate_subject`] (or
+//!   [`Handle::invalidate_token`], which reaches every client that presented the token) on
+//!   logout and password change so a revoked family is never replayed: on every instance, the
 //!   invalidation also revokes a refresh already running (its callers get `invalid_grant`,
 //!   and its result is neither stored nor replayed). No replay outlives the token's `exp`.
 //! - **Sealed at rest.** Values in Redis are encrypted with a key derived from the deployment
