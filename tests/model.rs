@@ -1538,6 +1538,7 @@ mod findings {
         let layer = RefreshCoalesceLayer::builder(Grouped { one_subject })
             .ttl(Duration::from_secs(1))
             .max_entries(n as usize)
+            .max_entries_per_group(u32::MAX)
             .build();
         let handle = layer.handle();
         let service = layer.layer(service_fn(|n: u64| async move { Ok::<_, Infallible>(n) }));
