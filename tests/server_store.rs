@@ -805,8 +805,9 @@ async fn malformed_requests_get_json_errors_and_never_reach_the_store() {
                     json!({ "refresh_token": tokens.refresh }).to_string(),
                 ))
                 .expect("valid request"),
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
+            // Read as the layer reads it: a malformed header, not a failed authentication.
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
         ),
         (
             post("/auth/refresh")
@@ -821,8 +822,8 @@ async fn malformed_requests_get_json_errors_and_never_reach_the_store() {
                     json!({ "refresh_token": tokens.refresh }).to_string(),
                 ))
                 .expect("valid request"),
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
         ),
         (
             post("/auth/refresh")

@@ -284,7 +284,8 @@ struct Scripts {
     /// `{0, value, pttl, generation}` for the flight's outcome (`value` may be the revoked
     /// mark), or `{-1, '', 0, generation}`.
     outcome: Script,
-    /// KEYS: gen, res. ARGV: life ms, completion channel, invalidation channel, message.
+    /// KEYS: gen, res. ARGV: life ms, completion channel, invalidation channel (empty: none),
+    /// message.
     /// Bumps the key's generation (kept at least `life`) and deletes its replay, in one
     /// step: a flight running now can no longer store its result. Wakes its followers (who
     /// see the generation move) and tells every instance.
@@ -393,7 +394,7 @@ impl Scripts {
                 keep_at_least!(1, 1),
                 "redis.call('DEL', KEYS[2])\n",
                 "redis.call('PUBLISH', ARGV[2], 'invalidated')\n",
-                "redis.call('PUBLISH', ARGV[3], ARGV[4])\n",
+                "if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end\n",
                 "return 1",
             )),
             invalidate_group: Script::new(concat!(
@@ -579,6 +580,41 @@ impl Inner {
         for notify in all {
             notify.notify_waiters();
         }
+    }
+}
+
+impl Inner {
+    /// Bumps the generation of `key` and deletes its replay in one step, waking its
+    /// followers; `announce`: tells every instance too (a group invalidation announces the
+    /// group instead, once).
+    async fn invalidate_key(
+        &self,
+        key: &Fingerprint,
+        life: Duration,
+        announce: bool,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let (channel, message) = if announce {
+            (
+                self.names.invalidate_channel(),
+                format!("key {}", key.to_hex()),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        self.run(
+            self.scripts
+                .invalidate
+                .key(self.names.key(key, "gen"))
+                .key(self.names.key(key, "res"))
+                .arg(life.as_millis().max(1) as u64)
+                .arg(self.names.key(key, "done"))
+                .arg(channel)
+                .arg(message)
+                .invoke_async::<i64>(&mut connection),
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -849,25 +885,7 @@ impl Store for RedisStore {
     }
 
     fn invalidate<'a>(&'a self, key: &'a Fingerprint, life: Duration) -> StoreFuture<'a, ()> {
-        Box::pin(async move {
-            let inner = &*self.inner;
-            let mut connection = inner.connection.clone();
-            inner
-                .run(
-                    inner
-                        .scripts
-                        .invalidate
-                        .key(inner.names.key(key, "gen"))
-                        .key(inner.names.key(key, "res"))
-                        .arg(life.as_millis().max(1) as u64)
-                        .arg(inner.names.key(key, "done"))
-                        .arg(inner.names.invalidate_channel())
-                        .arg(format!("key {}", key.to_hex()))
-                        .invoke_async::<i64>(&mut connection),
-                )
-                .await?;
-            Ok(())
-        })
+        Box::pin(self.inner.invalidate_key(key, life, true))
     }
 
     fn invalidate_group<'a>(
@@ -900,7 +918,9 @@ impl Store for RedisStore {
                 .filter_map(|hex| parse_fingerprint(hex))
                 .collect();
             let invalidated = futures_util::future::join_all(
-                members.iter().map(|member| self.invalidate(member, life)),
+                members
+                    .iter()
+                    .map(|member| inner.invalidate_key(member, life, false)),
             )
             .await;
             invalidated
