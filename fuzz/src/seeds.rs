@@ -34,6 +34,8 @@ fn post(headers: Vec<HeaderChoice>, body: BodyChoice) -> Req {
         path: PathChoice::Refresh,
         headers,
         body,
+        client: None,
+        dpop: None,
     }
 }
 
