@@ -949,6 +949,134 @@ mod tests {
         );
     }
 
+    fn statuses(summary: &Summary) -> Vec<Option<u16>> {
+        summary
+            .outcomes
+            .iter()
+            .map(|(_, status, _)| *status)
+            .collect()
+    }
+
+    /// The inner calls that answered the requests, in request order.
+    fn answers(summary: &Summary) -> Vec<Option<usize>> {
+        summary.outcomes.iter().map(|(_, _, call)| *call).collect()
+    }
+
+    /// Fresh proofs of one key coalesce; another key, or none, is another answer; a replay
+    /// within the TTL keeps the key apart too.
+    #[test]
+    fn fresh_proofs_of_one_key_share_and_other_keys_do_not() {
+        let summary = run_front(&seed("dpop-two-keys"));
+        assert_eq!(statuses(&summary), vec![Some(200); 9], "{summary:?}");
+        let calls = answers(&summary);
+        assert_eq!(summary.coalesced, 3, "{summary:?}");
+        // A, A, B, none, A (Bearer), A (absolute URI); then A, B, none replayed.
+        assert!(calls[0] == calls[1] && calls[1] == calls[4] && calls[4] == calls[5]);
+        assert!(calls[0] != calls[2] && calls[0] != calls[3] && calls[2] != calls[3]);
+        assert_eq!(&calls[6..], &[calls[0], calls[2], calls[3]]);
+    }
+
+    /// Each client id and secret is its own answer, from Basic, form or JSON alike.
+    #[test]
+    fn clients_and_secrets_keep_answers_apart() {
+        let summary = run_front(&seed("client-basic-secrets"));
+        assert_eq!(statuses(&summary), vec![Some(200); 12], "{summary:?}");
+        assert_eq!(summary.coalesced, 5, "{summary:?}");
+        let summary = run_front(&seed("client-secrets-in-form-and-json"));
+        assert_eq!(statuses(&summary), vec![Some(200); 12], "{summary:?}");
+        // app-a s3cret (form and JSON alike), app-a other, s3cret without an id, app-a
+        // public, app-b with an empty secret.
+        assert_eq!(summary.coalesced, 5, "{summary:?}");
+        let summary = run_front(&seed("client-assertions"));
+        let s = statuses(&summary);
+        assert_eq!(
+            &s[..6],
+            &[
+                Some(200),
+                Some(200),
+                Some(200),
+                Some(200),
+                Some(400),
+                Some(400)
+            ]
+        );
+        assert_eq!(summary.coalesced, 3, "{summary:?}");
+    }
+
+    /// Two authentication methods are refused; the same secret twice is one method.
+    #[test]
+    fn two_client_authentication_methods_are_refused() {
+        let summary = run_front(&seed("client-two-methods"));
+        assert_eq!(
+            statuses(&summary),
+            vec![
+                Some(400),
+                Some(200),
+                Some(400),
+                Some(400),
+                Some(400),
+                Some(400)
+            ],
+            "{summary:?}"
+        );
+    }
+
+    /// Every kind of invalid proof is refused and never reaches the inner service; a
+    /// replayed proof is refused, however it is sent.
+    #[test]
+    fn invalid_and_replayed_proofs_are_refused() {
+        let summary = run_front(&seed("dpop-invalid-proofs"));
+        assert_eq!(statuses(&summary), vec![Some(400); 16], "{summary:?}");
+        assert_eq!(summary.calls, 0);
+        let summary = run_front(&seed("dpop-replays"));
+        assert_eq!(
+            statuses(&summary),
+            vec![Some(200), Some(400), Some(400), Some(200), Some(400)],
+            "{summary:?}"
+        );
+        let summary = run_front(&seed("dpop-on-bypasses"));
+        // Bypasses are not the layer's to check; a refresh with a broken proof is refused.
+        assert_eq!(
+            statuses(&summary),
+            vec![Some(200), Some(200), Some(200), Some(400)],
+            "{summary:?}"
+        );
+    }
+
+    /// The oracle: an invalid proof in a flight's request, or a grant that is not what the
+    /// request carries, is a violation.
+    #[test]
+    fn the_oracle_catches_an_invalid_proof_and_a_wrong_grant() {
+        let request = &seed("dpop-two-keys").batches[0].requests[0];
+        let mut proofs = Proofs::default();
+        let built = model::build(request, 1, &mut proofs);
+        let mut seen = built.seen.clone();
+        assert!(matches!(seen.sender, Sender::Key(_)));
+        let headers = built.request.headers().clone();
+        let grant = RefreshGrant::read(&headers, b"", &[TokenSource::cookie("refresh_token")])
+            .expect("reads")
+            .expect("a refresh");
+        let in_a_task = |seen: Seen, grant: Option<RefreshGrant>| {
+            let headers = headers.clone();
+            block_on(async move {
+                tokio::spawn(async move { admitted(&seen, jwt_accepts, &headers, grant.as_ref()) })
+                    .await
+                    .expect("no panic")
+            })
+        };
+        // A grant read without the layer has no claims and no DPoP thumbprint.
+        let wrong = in_a_task(seen.clone(), Some(grant)).unwrap_err();
+        assert!(wrong.contains("RefreshGrant differs"), "{wrong}");
+        assert!(
+            in_a_task(seen.clone(), None)
+                .unwrap_err()
+                .contains("without a RefreshGrant")
+        );
+        seen.sender = Sender::Invalid;
+        let invalid = in_a_task(seen, None).unwrap_err();
+        assert!(invalid.contains("invalid DPoP proof"), "{invalid}");
+    }
+
     /// ... and a request that reaches the inner service outside a flight with a token.
     #[test]
     #[should_panic(expected = "reached the inner service uncoalesced")]
