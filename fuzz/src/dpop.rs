@@ -4,6 +4,7 @@
 //! the valid proofs made in one run, by which the model tells what key a proof binds.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     sync::{
         OnceLock,
@@ -157,6 +158,16 @@ fn corrupt(key: &Key, other: &Key, fault: &DpopFault, method: &str, htu: &str) -
 pub struct Proofs {
     valid: HashMap<String, String>,
     made: Vec<String>,
+    /// How many proofs were made for each key, method and URI.
+    slots: HashMap<Slot, usize>,
+}
+
+/// A proof's key thumbprint, method and URI.
+type Slot = (String, String, String);
+
+thread_local! {
+    /// Valid proofs signed by earlier runs, with their `iat`, by slot and rank in the run.
+    static SIGNED: RefCell<HashMap<(Slot, usize), (String, i64)>> = RefCell::new(HashMap::new());
 }
 
 impl Proofs {
@@ -167,7 +178,28 @@ impl Proofs {
     }
 
     fn valid(&mut self, key: &Key, method: &str, htu: &str) -> String {
-        let proof = valid(key, method, htu);
+        // The n-th proof of this run for this key, method and URI: signed once and reused by
+        // later runs while its `iat` is recent (each run has a fresh verifier, whose `jti`
+        // cache is empty, so that is no replay), since signing costs more than a run.
+        let slot = (key.thumbprint.clone(), method.to_owned(), htu.to_owned());
+        let n = self.slots.entry(slot.clone()).or_default();
+        let index = *n;
+        *n += 1;
+        let proof = SIGNED.with(|signed| {
+            let mut signed = signed.borrow_mut();
+            if signed.len() > 4096 {
+                signed.clear();
+            }
+            let now = now();
+            match signed.get(&(slot.clone(), index)) {
+                Some((proof, iat)) if now - iat < 20 => proof.clone(),
+                _ => {
+                    let proof = valid(key, method, htu);
+                    signed.insert((slot, index), (proof.clone(), now));
+                    proof
+                }
+            }
+        });
         self.valid.insert(proof.clone(), key.thumbprint.clone());
         self.made.push(proof.clone());
         proof
