@@ -165,6 +165,25 @@ pub struct Proofs {
 /// A proof's key thumbprint, method and URI.
 type Slot = (String, String, String);
 
+/// The proof of `slot` and `index` signed less than 20 s ago, or a new one from `sign`.
+fn cached(slot: Slot, index: usize, sign: impl FnOnce() -> String) -> String {
+    SIGNED.with(|signed| {
+        let mut signed = signed.borrow_mut();
+        if signed.len() > 4096 {
+            signed.clear();
+        }
+        let now = now();
+        match signed.get(&(slot.clone(), index)) {
+            Some((proof, iat)) if now - iat < 20 => proof.clone(),
+            _ => {
+                let proof = sign();
+                signed.insert((slot, index), (proof.clone(), now));
+                proof
+            }
+        }
+    })
+}
+
 thread_local! {
     /// Valid proofs signed by earlier runs, with their `iat`, by slot and rank in the run.
     static SIGNED: RefCell<HashMap<(Slot, usize), (String, i64)>> = RefCell::new(HashMap::new());
@@ -185,21 +204,7 @@ impl Proofs {
         let n = self.slots.entry(slot.clone()).or_default();
         let index = *n;
         *n += 1;
-        let proof = SIGNED.with(|signed| {
-            let mut signed = signed.borrow_mut();
-            if signed.len() > 4096 {
-                signed.clear();
-            }
-            let now = now();
-            match signed.get(&(slot.clone(), index)) {
-                Some((proof, iat)) if now - iat < 20 => proof.clone(),
-                _ => {
-                    let proof = valid(key, method, htu);
-                    signed.insert((slot, index), (proof.clone(), now));
-                    proof
-                }
-            }
-        });
+        let proof = cached(slot, index, || valid(key, method, htu));
         self.valid.insert(proof.clone(), key.thumbprint.clone());
         self.made.push(proof.clone());
         proof
@@ -219,7 +224,15 @@ impl Proofs {
                     KeyChoice::A => key(&KeyChoice::B),
                     KeyChoice::B => key(&KeyChoice::A),
                 };
-                vec![corrupt(key(k), other, fault, method, &htu).into_bytes()]
+                // Invalid whatever its jti: signed once per key, fault, method and URI, as
+                // valid ones are.
+                let slot = (
+                    format!("{}/{fault:?}", key(k).thumbprint),
+                    method.to_owned(),
+                    htu.clone(),
+                );
+                let proof = cached(slot, 0, || corrupt(key(k), other, fault, method, &htu));
+                vec![proof.into_bytes()]
             }
             DpopChoice::Replay(back) => {
                 if self.made.is_empty() {
