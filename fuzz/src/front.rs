@@ -24,16 +24,17 @@ use tokio::{
 };
 use tower::{Layer, Service, ServiceExt};
 use tower_refresh_coalesce::{
-    BoxError, HttpExtract, HttpShare, Opaque, RefreshCoalesceLayer, TokenSource, Verify,
-    http::RequestBody,
+    BoxError, HttpExtract, HttpShare, Opaque, RefreshCoalesceLayer, RefreshGrant, TokenSource,
+    Verify, http::RequestBody, token::DpopVerifier,
 };
 
 use crate::{
+    dpop::{self, Proofs},
     input::{
         Batch, Blob, Config, CustomReply, FrontInput, InnerReply, Invalidate, Req,
         ResponseHeaderName, StatusChoice,
     },
-    model::{self, FuzzBody, METADATA, PATHS, REQUEST_ID, Seen},
+    model::{self, Credential, FuzzBody, Identity, METADATA, PATHS, REQUEST_ID, Seen, Sender},
     tokens::{self, FINGERPRINT_SECRET},
 };
 
@@ -85,14 +86,18 @@ fn opaque_accepts(token: &str) -> Result<(), String> {
 }
 
 /// The `front` target: HS256 JWT verification.
-pub fn run_front(input: &FrontInput) {
+pub fn run_front(input: &FrontInput) -> Summary {
     let extract = HttpExtract::new(tokens::verifier().clone());
-    block_on(run(input, extract, jwt_accepts));
+    block_on(run(input, extract, jwt_accepts))
 }
 
 /// Any extractor, judged by `accepts`: for the harness's own tests.
-pub fn run_front_with<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Accepts) {
-    block_on(run(input, extract, accepts));
+pub fn run_front_with<V: Verify>(
+    input: &FrontInput,
+    extract: HttpExtract<V>,
+    accepts: Accepts,
+) -> Summary {
+    block_on(run(input, extract, accepts))
 }
 
 /// One request through a layer that lets every well-formed token through (`Opaque`): the
@@ -120,8 +125,9 @@ struct Record {
 struct Call {
     batch: usize,
     request: usize,
-    /// `Some` when the call was coalesced: the (token, client) it ran for.
-    identity: Option<(String, Option<String>)>,
+    /// `Some` when the call was coalesced: the token, client id, client credential and DPoP
+    /// key it ran for.
+    identity: Option<Identity>,
     /// What it answered (`None`: an error, or not yet).
     answered: Option<Answer>,
     failed: bool,
@@ -142,6 +148,8 @@ struct Inner {
     record: Arc<Mutex<Record>>,
     replies: Arc<Vec<InnerReply>>,
     accepts: Accepts,
+    /// The valid DPoP proofs the harness made this run.
+    proofs: Arc<Mutex<Proofs>>,
 }
 
 impl Service<Request<RequestBody<FuzzBody>>> for Inner {
@@ -173,12 +181,17 @@ impl Service<Request<RequestBody<FuzzBody>>> for Inner {
         };
         let record = self.record.clone();
         let accepts = self.accepts;
+        let proofs = self.proofs.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let body = body.collect().await.ok().map(|c| c.to_bytes());
-            let seen = model::model(parts.uri.path(), &parts.headers, body.as_deref());
+            let seen = {
+                let proofs = proofs.lock().unwrap_or_else(|p| p.into_inner());
+                model::model(parts.uri.path(), &parts.headers, body.as_deref(), &proofs)
+            };
             let request = request_id(&parts.headers);
-            let identity = check_admitted(&seen, accepts, &parts.headers);
+            let grant = parts.extensions.get::<RefreshGrant>();
+            let identity = check_admitted(&seen, accepts, &parts.headers, grant);
             {
                 let mut record = lock(&record);
                 let call = &mut record.calls[n - 1];
@@ -349,8 +362,9 @@ fn check_admitted(
     seen: &Seen,
     accepts: Accepts,
     headers: &HeaderMap,
-) -> Option<(String, Option<String>)> {
-    match admitted(seen, accepts, headers) {
+    grant: Option<&RefreshGrant>,
+) -> Option<Identity> {
+    match admitted(seen, accepts, headers, grant) {
         Ok(identity) => identity,
         Err(violation) => {
             VIOLATION.with(|slot| {
@@ -369,9 +383,12 @@ fn raise_violation() {
     }
 }
 
-type Identity = Option<(String, Option<String>)>;
-
-fn admitted(seen: &Seen, accepts: Accepts, headers: &HeaderMap) -> Result<Identity, String> {
+fn admitted(
+    seen: &Seen,
+    accepts: Accepts,
+    headers: &HeaderMap,
+    grant: Option<&RefreshGrant>,
+) -> Result<Option<Identity>, String> {
     let coalesced = tokio::task::try_id().is_some();
     if !coalesced {
         ensure!(
@@ -396,6 +413,17 @@ fn admitted(seen: &Seen, accepts: Accepts, headers: &HeaderMap) -> Result<Identi
         "inner service called with {} different client ids: {seen:?}",
         seen.clients.len()
     );
+    ensure!(
+        seen.credentials.len() <= 1,
+        "inner service called with {} client authentication methods or credentials: {:?}",
+        seen.credentials.len(),
+        seen.clients
+    );
+    ensure!(
+        seen.sender != Sender::Invalid,
+        "an invalid DPoP proof reached the inner service: {:?}",
+        seen.proofs
+    );
     let token = seen.tokens.iter().next().expect("one token");
     if let Err(why) = accepts(token) {
         return Err(format!(
@@ -415,7 +443,44 @@ fn admitted(seen: &Seen, accepts: Accepts, headers: &HeaderMap) -> Result<Identi
             .iter()
             .collect::<Vec<_>>()
     );
-    Ok(seen.identity())
+    let identity = seen.identity().expect("checked above");
+    // What the layer hands the inner service is what it keyed and verified.
+    let Some(grant) = grant else {
+        return Err("a call from a flight without a RefreshGrant extension".into());
+    };
+    let credential = match (grant.client_secret(), grant.client_assertion()) {
+        (Some(secret), None) => Some(Credential::Secret(secret.to_owned())),
+        (None, Some((kind, assertion))) => Some(Credential::Assertion {
+            kind: kind.to_owned(),
+            assertion: assertion.to_owned(),
+        }),
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err("a grant with a secret and an assertion".into()),
+    };
+    let granted = Identity {
+        token: grant.token().to_owned(),
+        client: grant.client_id().map(str::to_owned),
+        credential,
+        sender: grant.dpop_thumbprint().map(str::to_owned),
+    };
+    ensure!(
+        granted == identity,
+        "the RefreshGrant differs from the request: the layer read {:?} (client {:?}, \
+         credential {:?}, sender {:?}), the request carries {:?} (credential {:?}, sender \
+         {:?})",
+        granted.token == identity.token,
+        granted.client,
+        granted.credential,
+        granted.sender,
+        identity.client,
+        identity.credential,
+        identity.sender
+    );
+    ensure!(
+        grant.claims().is_some(),
+        "a flight's RefreshGrant without verified claims"
+    );
+    Ok(Some(identity))
 }
 
 /// The inner service's answer: a new pair naming its call and request.
@@ -458,9 +523,15 @@ struct Outcome {
     result: Result<Answer, io::Error>,
 }
 
-async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Accepts) {
+async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Accepts) -> Summary {
     let config = &input.config;
     let extract = extract
+        .dpop(
+            DpopVerifier::builder()
+                .origin(dpop::ORIGIN)
+                .build()
+                .expect("a valid DPoP configuration"),
+        )
         .paths(PATHS)
         .sources([
             TokenSource::bearer(),
@@ -489,14 +560,21 @@ async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Ac
     let layer = builder.build();
     let handle = layer.handle();
     let record = Arc::new(Mutex::new(Record::default()));
+    let proofs = Arc::new(Mutex::new(Proofs::default()));
     let service = layer.layer(Inner {
         record: record.clone(),
         replies: Arc::new(input.inner.iter().take(8).cloned().collect()),
         accepts,
+        proofs: proofs.clone(),
     });
 
     let mut next_id = 0;
     let mut errors = 0;
+    // Across the run: the requests each inner call's answer went to, and how many coalesced
+    // answers each DPoP proof got.
+    let mut answered: HashMap<usize, (usize, Option<Identity>)> = HashMap::new();
+    let mut accepted_proofs: HashMap<String, usize> = HashMap::new();
+    let mut summary = Summary::default();
     for (b, batch) in input.batches.iter().take(MAX_BATCHES).enumerate() {
         if batch.advance > 0 {
             sleep(Duration::from_millis(u64::from(batch.advance))).await;
@@ -520,7 +598,8 @@ async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Ac
             .take(MAX_REQUESTS)
             .map(|req| {
                 next_id += 1;
-                (next_id, model::build(req, next_id))
+                let mut proofs = proofs.lock().unwrap_or_else(|p| p.into_inner());
+                (next_id, model::build(req, next_id, &mut proofs))
             })
             .collect();
         let outcomes = join_all(requests.into_iter().map(|(id, built)| {
@@ -568,9 +647,37 @@ async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Ac
             }
             errors += usize::from(outcome.result.is_err());
             check_response(outcome, &record, config.grpc, config.report);
+            let call = inner_call(outcome);
+            summary.outcomes.push((
+                outcome.id,
+                outcome.result.as_ref().ok().map(|r| r.0.as_u16()),
+                call,
+            ));
+            let Some(n) = call else { continue };
+            // Two requests with one answer: the same token, client id, credential and DPoP
+            // key (a bypass's answer goes to its own request alone).
+            let mine = outcome.seen.identity();
+            let (first, theirs) = answered.entry(n).or_insert((outcome.id, mine.clone()));
+            assert!(
+                *first == outcome.id || (theirs.is_some() && *theirs == mine),
+                "requests {first} and {} got the answer of call {n}: {theirs:?} and {mine:?}",
+                outcome.id
+            );
+            // A proof is accepted once (RFC 9449 §11.1): a replay never gets an answer.
+            if record.calls[n - 1].identity.is_some() {
+                for proof in &outcome.seen.proofs {
+                    let uses = accepted_proofs.entry(proof.clone()).or_default();
+                    *uses += 1;
+                    assert!(
+                        *uses == 1,
+                        "request {}: a DPoP proof answered {uses} times (replayed)",
+                        outcome.id
+                    );
+                }
+            }
         }
         // Concurrent requests of one key make at most one inner call.
-        let mut per_identity: BTreeMap<&(String, Option<String>), usize> = BTreeMap::new();
+        let mut per_identity: BTreeMap<&Identity, usize> = BTreeMap::new();
         for call in record.calls.iter().filter(|c| c.batch == b) {
             if let Some(identity) = &call.identity {
                 *per_identity.entry(identity).or_default() += 1;
@@ -579,7 +686,7 @@ async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Ac
         for (identity, calls) in per_identity {
             assert!(
                 calls <= 1,
-                "batch {b}: {calls} inner calls for one token and client ({identity:?})"
+                "batch {b}: {calls} inner calls for one token, client and sender ({identity:?})"
             );
         }
     }
@@ -611,6 +718,24 @@ async fn run<V: Verify>(input: &FrontInput, extract: HttpExtract<V>, accepts: Ac
         stats.bypassed,
         "inner calls from callers vs bypasses: {stats:?}"
     );
+    summary.calls = record.calls.len();
+    summary.coalesced = coalesced as usize;
+    summary
+}
+
+/// What a run did, for the harness's own tests: each request's id, status (`None`: an
+/// error) and the inner call that answered it, and the number of inner calls.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub outcomes: Vec<(usize, Option<u16>, Option<usize>)>,
+    pub calls: usize,
+    pub coalesced: usize,
+}
+
+/// The inner call whose answer a caller got.
+fn inner_call(outcome: &Outcome) -> Option<usize> {
+    let (_, _, headers, _, _) = outcome.result.as_ref().ok()?;
+    headers.get(INNER_CALL)?.to_str().ok()?.parse().ok()
 }
 
 /// Every caller gets exactly one response, of an expected status; a response of the inner
@@ -678,19 +803,36 @@ fn check_response(outcome: &Outcome, record: &Record, grpc: bool, report: bool) 
         }
         return;
     }
-    // A refusal of the layer. It never echoes a token: its texts are static and have no
-    // '.', so a token with one (any JWT) cannot appear in them by chance.
+    // A refusal of the layer. It never echoes a token or a DPoP proof: its texts are static
+    // and have no '.', so a token with one (any JWT) cannot appear in them by chance.
     let message = headers
         .get("grpc-message")
         .map_or(&b""[..], |v| v.as_bytes());
-    for token in outcome.seen.tokens.iter().filter(|t| t.contains('.')) {
+    let secrets = outcome.seen.tokens.iter().chain(&outcome.seen.proofs);
+    for token in secrets.filter(|t| t.contains('.')) {
         let echoed = |text: &[u8]| text.windows(token.len()).any(|w| w == token.as_bytes());
         assert!(
             !echoed(body) && !echoed(message),
-            "request {id}: the refusal echoes the token"
+            "request {id}: the refusal echoes the token or proof"
         );
     }
     let value = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    // A request refused as it was read (malformed, unverified, a bad DPoP proof) never
+    // reached the inner service.
+    let refused_at_once = if grpc {
+        matches!(
+            value(HeaderName::from_static("grpc-status")),
+            Some("3" | "16")
+        )
+    } else {
+        matches!(status.as_u16(), 400 | 401 | 413)
+    };
+    if refused_at_once {
+        assert!(
+            !record.calls.iter().any(|c| c.request == id),
+            "request {id}: refused ({status}), yet it reached the inner service"
+        );
+    }
     if grpc {
         assert_eq!(*status, StatusCode::OK, "request {id}: gRPC refusal status");
         assert_eq!(value(header::CONTENT_TYPE), Some("application/grpc"));
@@ -726,6 +868,23 @@ fn check_response(outcome: &Outcome, record: &Record, grpc: bool, report: bool) 
     let json: HashMap<String, serde_json::Value> = serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("request {id}: refusal body is not a JSON object: {e}"));
     let error = json.get("error").and_then(|e| e.as_str());
+    if error == Some("invalid_dpop_proof") {
+        assert_eq!(
+            *status,
+            StatusCode::BAD_REQUEST,
+            "request {id}: a DPoP refusal"
+        );
+        assert!(
+            !outcome.seen.proofs.is_empty(),
+            "request {id}: invalid_dpop_proof without a DPoP header"
+        );
+        assert_eq!(
+            value(header::WWW_AUTHENTICATE),
+            Some(r#"DPoP error="invalid_dpop_proof""#),
+            "request {id}: the DPoP challenge"
+        );
+        return;
+    }
     let expected = match status.as_u16() {
         400 | 413 => "invalid_request",
         401 => "invalid_grant",
@@ -790,14 +949,143 @@ mod tests {
         );
     }
 
+    fn statuses(summary: &Summary) -> Vec<Option<u16>> {
+        summary
+            .outcomes
+            .iter()
+            .map(|(_, status, _)| *status)
+            .collect()
+    }
+
+    /// The inner calls that answered the requests, in request order.
+    fn answers(summary: &Summary) -> Vec<Option<usize>> {
+        summary.outcomes.iter().map(|(_, _, call)| *call).collect()
+    }
+
+    /// Fresh proofs of one key coalesce; another key, or none, is another answer; a replay
+    /// within the TTL keeps the key apart too.
+    #[test]
+    fn fresh_proofs_of_one_key_share_and_other_keys_do_not() {
+        let summary = run_front(&seed("dpop-two-keys"));
+        assert_eq!(statuses(&summary), vec![Some(200); 9], "{summary:?}");
+        let calls = answers(&summary);
+        assert_eq!(summary.coalesced, 3, "{summary:?}");
+        // A, A, B, none, A (Bearer), A (absolute URI); then A, B, none replayed.
+        assert!(calls[0] == calls[1] && calls[1] == calls[4] && calls[4] == calls[5]);
+        assert!(calls[0] != calls[2] && calls[0] != calls[3] && calls[2] != calls[3]);
+        assert_eq!(&calls[6..], &[calls[0], calls[2], calls[3]]);
+    }
+
+    /// Each client id and secret is its own answer, from Basic, form or JSON alike.
+    #[test]
+    fn clients_and_secrets_keep_answers_apart() {
+        let summary = run_front(&seed("client-basic-secrets"));
+        assert_eq!(statuses(&summary), vec![Some(200); 12], "{summary:?}");
+        assert_eq!(summary.coalesced, 5, "{summary:?}");
+        let summary = run_front(&seed("client-secrets-in-form-and-json"));
+        assert_eq!(statuses(&summary), vec![Some(200); 12], "{summary:?}");
+        // app-a s3cret (form and JSON alike), app-a other, s3cret without an id, app-a
+        // public, app-b with an empty secret.
+        assert_eq!(summary.coalesced, 5, "{summary:?}");
+        let summary = run_front(&seed("client-assertions"));
+        let s = statuses(&summary);
+        assert_eq!(
+            &s[..6],
+            &[
+                Some(200),
+                Some(200),
+                Some(200),
+                Some(200),
+                Some(400),
+                Some(400)
+            ]
+        );
+        assert_eq!(summary.coalesced, 3, "{summary:?}");
+    }
+
+    /// Two authentication methods are refused; the same secret twice is one method.
+    #[test]
+    fn two_client_authentication_methods_are_refused() {
+        let summary = run_front(&seed("client-two-methods"));
+        assert_eq!(
+            statuses(&summary),
+            vec![
+                Some(400),
+                Some(200),
+                Some(400),
+                Some(400),
+                Some(400),
+                Some(400)
+            ],
+            "{summary:?}"
+        );
+    }
+
+    /// Every kind of invalid proof is refused and never reaches the inner service; a
+    /// replayed proof is refused, however it is sent.
+    #[test]
+    fn invalid_and_replayed_proofs_are_refused() {
+        let summary = run_front(&seed("dpop-invalid-proofs"));
+        assert_eq!(statuses(&summary), vec![Some(400); 16], "{summary:?}");
+        assert_eq!(summary.calls, 0);
+        let summary = run_front(&seed("dpop-replays"));
+        assert_eq!(
+            statuses(&summary),
+            vec![Some(200), Some(400), Some(400), Some(200), Some(400)],
+            "{summary:?}"
+        );
+        let summary = run_front(&seed("dpop-on-bypasses"));
+        // Bypasses are not the layer's to check; a refresh with a broken proof is refused.
+        assert_eq!(
+            statuses(&summary),
+            vec![Some(200), Some(200), Some(200), Some(400)],
+            "{summary:?}"
+        );
+    }
+
+    /// The oracle: an invalid proof in a flight's request, or a grant that is not what the
+    /// request carries, is a violation.
+    #[test]
+    fn the_oracle_catches_an_invalid_proof_and_a_wrong_grant() {
+        let request = &seed("dpop-two-keys").batches[0].requests[0];
+        let mut proofs = Proofs::default();
+        let built = model::build(request, 1, &mut proofs);
+        let mut seen = built.seen.clone();
+        assert!(matches!(seen.sender, Sender::Key(_)));
+        let headers = built.request.headers().clone();
+        let grant = RefreshGrant::read(&headers, b"", &[TokenSource::cookie("refresh_token")])
+            .expect("reads")
+            .expect("a refresh");
+        let in_a_task = |seen: Seen, grant: Option<RefreshGrant>| {
+            let headers = headers.clone();
+            block_on(async move {
+                tokio::spawn(async move { admitted(&seen, jwt_accepts, &headers, grant.as_ref()) })
+                    .await
+                    .expect("no panic")
+            })
+        };
+        // A grant read without the layer has no claims and no DPoP thumbprint.
+        let wrong = in_a_task(seen.clone(), Some(grant)).unwrap_err();
+        assert!(wrong.contains("RefreshGrant differs"), "{wrong}");
+        assert!(
+            in_a_task(seen.clone(), None)
+                .unwrap_err()
+                .contains("without a RefreshGrant")
+        );
+        seen.sender = Sender::Invalid;
+        let invalid = in_a_task(seen, None).unwrap_err();
+        assert!(invalid.contains("invalid DPoP proof"), "{invalid}");
+    }
+
     /// ... and a request that reaches the inner service outside a flight with a token.
     #[test]
     #[should_panic(expected = "reached the inner service uncoalesced")]
     fn a_bypass_on_a_coalesced_path_is_caught() {
-        let seen = model::build(&seed("bad-alg-none").batches[0].requests[0], 1).seen;
+        let request = &seed("bad-alg-none").batches[0].requests[0];
+        let seen = model::build(request, 1, &mut Proofs::default()).seen;
         panic!(
             "{}",
-            admitted(&seen, jwt_accepts, &HeaderMap::new()).unwrap_err()
+            admitted(&seen, jwt_accepts, &HeaderMap::new(), None).unwrap_err()
         );
     }
 }

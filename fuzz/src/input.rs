@@ -161,6 +161,112 @@ pub struct Req {
     pub path: PathChoice,
     pub headers: Vec<HeaderChoice>,
     pub body: BodyChoice,
+    /// Client authentication, in `Authorization: Basic` or the body's parameters. Last, and
+    /// optional, so that inputs written before it decode as they did.
+    pub client: Option<ClientAuth>,
+    /// A `DPoP` header (RFC 9449).
+    pub dpop: Option<DpopChoice>,
+}
+
+/// How the client authenticates (RFC 6749 §2.3, RFC 7523 §2.2).
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub struct ClientAuth {
+    pub id: Option<ClientIdChoice>,
+    pub credential: CredentialChoice,
+    /// `Authorization: Basic id:secret` (form-encoded, an empty secret without one; an
+    /// assertion still goes to the body); otherwise the body's parameters (`client_id`,
+    /// `client_secret`, `client_assertion_type`, `client_assertion`, in a form or a JSON
+    /// object, whichever the body is; none in another body).
+    pub basic: bool,
+    /// A second credential among the body's parameters: a second method (refused unless
+    /// it is the same secret).
+    pub also: Option<CredentialChoice>,
+}
+
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub enum ClientIdChoice {
+    /// `app-a`.
+    A,
+    /// `app b` (a space: form-encoded in Basic).
+    B,
+    Raw(Blob),
+}
+
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub enum CredentialChoice {
+    None,
+    Secret(SecretChoice),
+    Assertion(AssertionChoice),
+}
+
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub enum SecretChoice {
+    /// `s3cret`.
+    One,
+    /// `other:secret` (a colon: form-encoded in Basic).
+    Two,
+    Empty,
+    Raw(Blob),
+}
+
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub enum AssertionChoice {
+    /// A fixed JWT-bearer assertion.
+    A,
+    /// Another one.
+    B,
+    /// `client_assertion` without `client_assertion_type` (refused).
+    WithoutType,
+    Raw {
+        kind: Blob,
+        assertion: Blob,
+    },
+}
+
+/// A request's `DPoP` header.
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub enum DpopChoice {
+    /// A fresh proof of the key for this request's method and URI.
+    Valid(KeyChoice),
+    /// A proof of the key that `fault` makes invalid.
+    Corrupt { key: KeyChoice, fault: DpopFault },
+    /// The very proof of an earlier request of the run (`n` back from the last valid proof
+    /// made; none if there is none yet): a replay, refused unless the earlier one was never
+    /// checked.
+    Replay(u8),
+    /// Two `DPoP` headers, each a fresh valid proof (refused).
+    Twice(KeyChoice),
+    /// Any bytes.
+    Raw(Blob),
+}
+
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub enum KeyChoice {
+    /// ES256 (P-256).
+    A,
+    /// EdDSA (Ed25519).
+    B,
+}
+
+/// What makes a proof invalid, certainly.
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
+pub enum DpopFault {
+    Signature,
+    Method,
+    Htu,
+    OtherOrigin,
+    OldIat,
+    FutureIat,
+    Typ,
+    AlgNone,
+    NoJti,
+    EmptyJti,
+    /// Signed by the key, the header naming the other key.
+    OtherJwk,
+    /// The header's jwk carries `d`.
+    PrivateJwk,
+    NoJwk,
+    Truncated,
 }
 
 #[derive(Arbitrary, Debug, Clone, PartialEq)]
@@ -567,8 +673,28 @@ encode_struct!(Req {
     method,
     path,
     headers,
-    body
+    body,
+    client,
+    dpop
 });
+encode_struct!(ClientAuth {
+    id,
+    credential,
+    basic,
+    also
+});
+encode_enum!(ClientIdChoice; 3; A => 0, B => 1, Raw(b) => 2);
+encode_enum!(CredentialChoice; 3; None => 0, Secret(s) => 1, Assertion(a) => 2);
+encode_enum!(SecretChoice; 4; One => 0, Two => 1, Empty => 2, Raw(b) => 3);
+encode_enum!(AssertionChoice; 4;
+    A => 0, B => 1, WithoutType => 2, Raw { kind, assertion } => 3);
+encode_enum!(DpopChoice; 5;
+    Valid(k) => 0, Corrupt { key, fault } => 1, Replay(n) => 2, Twice(k) => 3, Raw(b) => 4);
+encode_enum!(KeyChoice; 2; A => 0, B => 1);
+encode_enum!(DpopFault; 14;
+    Signature => 0, Method => 1, Htu => 2, OtherOrigin => 3, OldIat => 4, FutureIat => 5,
+    Typ => 6, AlgNone => 7, NoJti => 8, EmptyJti => 9, OtherJwk => 10, PrivateJwk => 11,
+    NoJwk => 12, Truncated => 13);
 encode_enum!(MethodChoice; 4; Post => 0, Get => 1, Put => 2, Raw(b) => 3);
 encode_enum!(PathChoice; 7;
     Refresh => 0, Grpc => 1, RefreshQuery(q) => 2, Absolute => 3, TrailingSlash => 4,

@@ -5,6 +5,7 @@
 //! - `token`: `JwtVerifier::verify` against an independent oracle, and the extraction of one
 //!   request through a layer with the `Opaque` verifier.
 
+pub mod dpop;
 mod findings;
 pub mod front;
 pub mod input;

@@ -16,9 +16,13 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use tower_refresh_coalesce::BoxError;
 
-use crate::input::{
-    AuthChoice, BodyChoice, ContentTypeChoice, CookieChoice, GrantChoice, HeaderChoice,
-    LengthChoice, MAX_BODY, MethodChoice, NameChoice, PathChoice, Req,
+use crate::{
+    dpop::Proofs,
+    input::{
+        AssertionChoice, AuthChoice, BodyChoice, ClientAuth, ClientIdChoice, ContentTypeChoice,
+        CookieChoice, CredentialChoice, GrantChoice, HeaderChoice, LengthChoice, MAX_BODY,
+        MethodChoice, NameChoice, PathChoice, Req, SecretChoice,
+    },
 };
 
 /// The paths the layer coalesces; any other passes through.
@@ -27,6 +31,10 @@ pub const PATHS: [&str; 2] = ["/auth/refresh", "/auth.v1.TokenService/Refresh"];
 pub const METADATA: HeaderName = HeaderName::from_static("x-refresh-token");
 /// The header that numbers each request of a run, echoed by the inner service.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-fuzz-request");
+/// The DPoP proof header (RFC 9449 §4.1).
+pub const DPOP: HeaderName = HeaderName::from_static("dpop");
+/// The `client_assertion_type` of RFC 7523.
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// The request body type of the fuzz targets.
 pub type FuzzBody = BoxBody<Bytes, BoxError>;
@@ -44,8 +52,15 @@ pub struct Seen {
     pub in_scope: bool,
     /// Distinct non-empty tokens, from every source.
     pub tokens: BTreeSet<String>,
-    /// Distinct client ids (Basic user, form `client_id`).
+    /// Distinct client ids (Basic user, form or JSON `client_id`).
     pub clients: BTreeSet<String>,
+    /// Distinct client credentials (Basic password, form or JSON `client_secret`, client
+    /// assertions).
+    pub credentials: BTreeSet<Credential>,
+    /// What the `DPoP` header binds the request to.
+    pub sender: Sender,
+    /// The `DPoP` header values (lossy UTF-8).
+    pub proofs: Vec<String>,
     /// A form whose single `grant_type` is not `refresh_token` (its `refresh_token` and
     /// `client_id` parameters are then not counted above).
     pub other_grant: bool,
@@ -53,19 +68,152 @@ pub struct Seen {
     pub ambiguous_content_type: bool,
 }
 
+/// A client credential, as presented.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Credential {
+    Secret(String),
+    Assertion { kind: String, assertion: String },
+}
+
+/// The sender constraint of a request, by the model.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Sender {
+    /// No `DPoP` header.
+    #[default]
+    None,
+    /// One `DPoP` header, a valid proof the harness made, by the key of this thumbprint.
+    Key(String),
+    /// Anything else: more than one header, a damaged or made-up proof. Such a request must
+    /// never reach the inner service as a refresh.
+    Invalid,
+}
+
+/// Everything the inner service authenticates a refresh by: two requests may share one
+/// answer only if theirs are equal.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Identity {
+    pub token: String,
+    pub client: Option<String>,
+    pub credential: Option<Credential>,
+    /// The RFC 7638 thumbprint of the DPoP key.
+    pub sender: Option<String>,
+}
+
 impl Seen {
-    /// The one token and client, if the request has exactly one token and at most one
-    /// client: the request's identity as the layer keys it.
-    pub fn identity(&self) -> Option<(String, Option<String>)> {
-        if self.tokens.len() != 1 || self.clients.len() > 1 {
+    /// The request's identity, if it has exactly one token, at most one client id, at most
+    /// one credential and no invalid DPoP header: what the layer must key it by.
+    pub fn identity(&self) -> Option<Identity> {
+        if self.tokens.len() != 1 || self.clients.len() > 1 || self.credentials.len() > 1 {
             return None;
         }
-        let token = self.tokens.iter().next().cloned()?;
-        Some((token, self.clients.iter().next().cloned()))
+        let sender = match &self.sender {
+            Sender::None => None,
+            Sender::Key(thumbprint) => Some(thumbprint.clone()),
+            Sender::Invalid => return None,
+        };
+        Some(Identity {
+            token: self.tokens.iter().next().cloned()?,
+            client: self.clients.iter().next().cloned(),
+            credential: self.credentials.iter().next().cloned(),
+            sender,
+        })
     }
 }
 
-pub fn build(req: &Req, id: usize) -> Built {
+/// Form-encodes one value (RFC 6749 §2.3.1 for Basic credentials).
+fn form_encode(value: &str) -> String {
+    let encoded = serde_urlencoded::to_string([("v", value)]).expect("a string encodes");
+    encoded["v=".len()..].to_owned()
+}
+
+impl ClientIdChoice {
+    pub fn text(&self) -> String {
+        match self {
+            ClientIdChoice::A => "app-a".into(),
+            ClientIdChoice::B => "app b".into(),
+            ClientIdChoice::Raw(b) => String::from_utf8_lossy(b.capped(64)).into_owned(),
+        }
+    }
+}
+
+impl SecretChoice {
+    pub fn text(&self) -> String {
+        match self {
+            SecretChoice::One => "s3cret".into(),
+            SecretChoice::Two => "other:secret".into(),
+            SecretChoice::Empty => String::new(),
+            SecretChoice::Raw(b) => String::from_utf8_lossy(b.capped(64)).into_owned(),
+        }
+    }
+}
+
+/// The body parameters of a credential.
+fn credential_params(credential: &CredentialChoice, out: &mut Vec<(String, String)>) {
+    let assertion_a = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJhcHAtYSIsInN1YiI6ImFwcC1hIn0.c2lnLWE";
+    let assertion_b = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJhcHAtYSIsImp0aSI6IjIifQ.c2lnLWI";
+    let mut pair = |name: &str, value: String| out.push((name.into(), value));
+    match credential {
+        CredentialChoice::None => {}
+        CredentialChoice::Secret(secret) => pair("client_secret", secret.text()),
+        CredentialChoice::Assertion(assertion) => match assertion {
+            AssertionChoice::A => {
+                pair("client_assertion_type", JWT_BEARER.into());
+                pair("client_assertion", assertion_a.into());
+            }
+            AssertionChoice::B => {
+                pair("client_assertion_type", JWT_BEARER.into());
+                pair("client_assertion", assertion_b.into());
+            }
+            AssertionChoice::WithoutType => pair("client_assertion", assertion_a.into()),
+            AssertionChoice::Raw { kind, assertion } => {
+                pair(
+                    "client_assertion_type",
+                    String::from_utf8_lossy(kind.capped(64)).into_owned(),
+                );
+                pair(
+                    "client_assertion",
+                    String::from_utf8_lossy(assertion.capped(256)).into_owned(),
+                );
+            }
+        },
+    }
+}
+
+/// What `client` adds: an `Authorization: Basic` value, and body parameters.
+fn client_parts(client: Option<&ClientAuth>) -> (Option<Vec<u8>>, Vec<(String, String)>) {
+    let Some(client) = client else {
+        return (None, Vec::new());
+    };
+    let mut params = Vec::new();
+    let id = client.id.as_ref().map(ClientIdChoice::text);
+    let basic = if client.basic {
+        let secret = match &client.credential {
+            CredentialChoice::Secret(secret) => secret.text(),
+            other => {
+                credential_params(other, &mut params);
+                String::new()
+            }
+        };
+        let credentials = format!(
+            "{}:{}",
+            form_encode(id.as_deref().unwrap_or("")),
+            form_encode(&secret)
+        );
+        Some(format!("Basic {}", STANDARD.encode(credentials)).into_bytes())
+    } else {
+        if let Some(id) = id {
+            params.push(("client_id".into(), id));
+        }
+        credential_params(&client.credential, &mut params);
+        None
+    };
+    if let Some(also) = &client.also {
+        credential_params(also, &mut params);
+    }
+    (basic, params)
+}
+
+pub fn build(req: &Req, id: usize, proofs: &mut Proofs) -> Built {
     let method = match &req.method {
         MethodChoice::Post => Method::POST,
         MethodChoice::Get => Method::GET,
@@ -88,7 +236,8 @@ pub fn build(req: &Req, id: usize) -> Built {
         }
     };
 
-    let (body_bytes, failing, chunk) = body_of(&req.body);
+    let (basic, params) = client_parts(req.client.as_ref());
+    let (body_bytes, failing, chunk) = body_of(&req.body, &params);
     let body_bytes = Bytes::from(body_bytes);
 
     let mut headers = HeaderMap::new();
@@ -97,12 +246,22 @@ pub fn build(req: &Req, id: usize) -> Built {
             headers.append(name, value);
         }
     }
+    if let Some(value) = basic.and_then(|v| HeaderValue::from_bytes(&v).ok()) {
+        headers.append(header::AUTHORIZATION, value);
+    }
+    if let Some(dpop) = &req.dpop {
+        for value in proofs.values(dpop, method.as_str(), uri.path()) {
+            if let Ok(value) = HeaderValue::from_bytes(&value) {
+                headers.append(DPOP, value);
+            }
+        }
+    }
     headers.insert(REQUEST_ID, HeaderValue::from(id));
 
     // The model reads the body only when the layer could (a body that fails is unreadable
     // to both).
     let readable = (!failing).then_some(&body_bytes[..]);
-    let seen = model(uri.path(), &headers, readable);
+    let seen = model(uri.path(), &headers, readable, proofs);
 
     let body: FuzzBody = if failing {
         let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks(&body_bytes, chunk)
@@ -142,8 +301,13 @@ fn chunks(bytes: &Bytes, size: usize) -> Vec<Bytes> {
 }
 
 /// The body's bytes, whether it fails after them, and the frame size (0: one frame).
-fn body_of(choice: &BodyChoice) -> (Vec<u8>, bool, usize) {
-    fn bytes(choice: &BodyChoice, depth: u8) -> (Vec<u8>, bool, usize) {
+/// `params` (client authentication) are added to a JSON or form body.
+fn body_of(choice: &BodyChoice, params: &[(String, String)]) -> (Vec<u8>, bool, usize) {
+    fn bytes(
+        choice: &BodyChoice,
+        params: &[(String, String)],
+        depth: u8,
+    ) -> (Vec<u8>, bool, usize) {
         let mut out = match choice {
             BodyChoice::Empty => Vec::new(),
             BodyChoice::Json { token, pad, extra } => {
@@ -156,10 +320,21 @@ fn body_of(choice: &BodyChoice) -> (Vec<u8>, bool, usize) {
                     object.insert("pad".into(), "x".repeat(pad).into());
                 }
                 let mut json = serde_json::to_vec(&object).expect("a map serializes");
+                // Members written as text, so that a repeated one stays repeated.
+                for (name, value) in params {
+                    json.pop(); // the closing brace
+                    if json.len() > 1 {
+                        json.push(b',');
+                    }
+                    json.extend_from_slice(&serde_json::to_vec(name).expect("a string"));
+                    json.push(b':');
+                    json.extend_from_slice(&serde_json::to_vec(value).expect("a string"));
+                    json.push(b'}');
+                }
                 let extra = extra.capped(512);
                 if !extra.is_empty() {
                     json.pop(); // the closing brace
-                    if !object.is_empty() {
+                    if json.len() > 1 {
                         json.push(b',');
                     }
                     json.extend_from_slice(extra);
@@ -195,6 +370,7 @@ fn body_of(choice: &BodyChoice) -> (Vec<u8>, bool, usize) {
                         String::from_utf8_lossy(client.capped(64)).into_owned(),
                     ));
                 }
+                pairs.extend(params.iter().cloned());
                 let mut form = serde_urlencoded::to_string(&pairs)
                     .expect("pairs of strings encode")
                     .into_bytes();
@@ -218,11 +394,11 @@ fn body_of(choice: &BodyChoice) -> (Vec<u8>, bool, usize) {
                 out
             }
             BodyChoice::Chunked { chunk, body } if depth < 2 => {
-                let (inner, failing, _) = bytes(body, depth + 1);
+                let (inner, failing, _) = bytes(body, params, depth + 1);
                 return (cap(inner), failing, usize::from(*chunk).max(1));
             }
             BodyChoice::Failing { body } if depth < 2 => {
-                let (inner, _, chunk) = bytes(body, depth + 1);
+                let (inner, _, chunk) = bytes(body, params, depth + 1);
                 return (cap(inner), true, chunk);
             }
             BodyChoice::Chunked { .. } | BodyChoice::Failing { .. } => Vec::new(),
@@ -234,7 +410,7 @@ fn body_of(choice: &BodyChoice) -> (Vec<u8>, bool, usize) {
         v.truncate(MAX_BODY);
         v
     }
-    bytes(choice, 0)
+    bytes(choice, params, 0)
 }
 
 fn header_of(choice: &HeaderChoice, body_len: usize) -> Option<(HeaderName, HeaderValue)> {
@@ -343,8 +519,9 @@ fn kind(value: &HeaderValue) -> Kind {
     }
 }
 
-/// What `headers` and `body` (if readable) carry, by the model.
-pub fn model(path: &str, headers: &HeaderMap, body: Option<&[u8]>) -> Seen {
+/// What `headers` and `body` (if readable) carry, by the model; `proofs` are the valid DPoP
+/// proofs the harness made.
+pub fn model(path: &str, headers: &HeaderMap, body: Option<&[u8]>, proofs: &Proofs) -> Seen {
     let mut seen = Seen {
         in_scope: PATHS.contains(&path),
         ..Seen::default()
@@ -362,11 +539,29 @@ pub fn model(path: &str, headers: &HeaderMap, body: Option<&[u8]>) -> Seen {
         if scheme.eq_ignore_ascii_case("bearer") {
             add_token(&mut seen, credentials);
         } else if scheme.eq_ignore_ascii_case("basic")
-            && let Some(user) = basic_user(credentials)
+            && let Some((user, password)) = basic_user(credentials)
         {
             seen.clients.insert(user);
+            seen.credentials.insert(Credential::Secret(password));
         }
     }
+
+    let values: Vec<&HeaderValue> = headers.get_all(DPOP).iter().collect();
+    seen.proofs = values
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    seen.sender = match values[..] {
+        [] => Sender::None,
+        [value] => value
+            .to_str()
+            .ok()
+            .and_then(|proof| proofs.thumbprint(proof))
+            .map_or(Sender::Invalid, |thumbprint| {
+                Sender::Key(thumbprint.to_owned())
+            }),
+        _ => Sender::Invalid,
+    };
 
     for value in headers.get_all(header::COOKIE) {
         let Ok(value) = value.to_str() else { continue };
@@ -403,9 +598,12 @@ pub fn model(path: &str, headers: &HeaderMap, body: Option<&[u8]>) -> Seen {
         if reads(Kind::Json)
             && let Ok(serde_json::Value::Object(object)) =
                 serde_json::from_slice::<serde_json::Value>(body)
-            && let Some(serde_json::Value::String(token)) = object.get("refresh_token")
         {
-            add_token(&mut seen, token);
+            let string = |name: &str| object.get(name).and_then(|v| v.as_str());
+            if let Some(token) = string("refresh_token") {
+                add_token(&mut seen, token);
+            }
+            client_params(&mut seen, string);
         }
         if reads(Kind::Form)
             && let Ok(pairs) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body)
@@ -421,26 +619,54 @@ pub fn model(path: &str, headers: &HeaderMap, body: Option<&[u8]>) -> Seen {
             seen.other_grant = grants.len() == 1 && grants[0] != "refresh_token";
             if !seen.other_grant {
                 for (name, value) in &pairs {
-                    match name.as_str() {
-                        "refresh_token" => add_token(&mut seen, value),
-                        "client_id" if !value.is_empty() => {
-                            seen.clients.insert(value.clone());
-                        }
-                        _ => {}
+                    if name == "refresh_token" {
+                        add_token(&mut seen, value);
                     }
                 }
+                let string = |name: &str| {
+                    pairs
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.as_str())
+                };
+                client_params(&mut seen, string);
             }
         }
     }
     seen
 }
 
-/// The user of `Basic` credentials, form-decoded (RFC 6749 §2.3.1).
-fn basic_user(credentials: &str) -> Option<String> {
+/// The client parameters of a body (a form's or a JSON object's members, `string` giving
+/// a member's string value): `client_id` (non-empty), `client_secret`, and a client
+/// assertion if either of its two members is there.
+fn client_params<'a>(seen: &mut Seen, string: impl Fn(&str) -> Option<&'a str>) {
+    if let Some(id) = string("client_id").filter(|id| !id.is_empty()) {
+        seen.clients.insert(id.to_owned());
+    }
+    if let Some(secret) = string("client_secret") {
+        seen.credentials
+            .insert(Credential::Secret(secret.to_owned()));
+    }
+    let kind = string("client_assertion_type");
+    let assertion = string("client_assertion");
+    if kind.is_some() || assertion.is_some() {
+        seen.credentials.insert(Credential::Assertion {
+            kind: kind.unwrap_or("").to_owned(),
+            assertion: assertion.unwrap_or("").to_owned(),
+        });
+    }
+}
+
+/// The user and password of `Basic` credentials, each form-decoded (RFC 6749 §2.3.1); `None`
+/// without a user.
+fn basic_user(credentials: &str) -> Option<(String, String)> {
     let decoded = STANDARD.decode(credentials).ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
-    let (user, _) = decoded.split_once(':')?;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&format!("u={user}")).ok()?;
-    let (_, user) = pairs.into_iter().next()?;
-    (!user.is_empty()).then_some(user)
+    let (user, password) = decoded.split_once(':')?;
+    let decode = |part: &str| -> Option<String> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&format!("u={part}")).ok()?;
+        Some(pairs.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+    };
+    let user = decode(user)?;
+    (!user.is_empty()).then_some((user, decode(password)?))
 }

@@ -34,6 +34,8 @@ fn post(headers: Vec<HeaderChoice>, body: BodyChoice) -> Req {
         path: PathChoice::Refresh,
         headers,
         body,
+        client: None,
+        dpop: None,
     }
 }
 
@@ -690,6 +692,277 @@ pub fn front_seeds() -> Vec<(String, FrontInput)> {
                     ))],
                     BodyChoice::Empty,
                 ),
+            ]],
+        ),
+    ));
+    seeds.extend(auth_seeds());
+    seeds
+}
+
+/// Seeds of client authentication (Basic, form and JSON secrets, assertions, two methods)
+/// and DPoP (two keys, every kind of invalid proof, replays, with clients, on bypasses).
+fn auth_seeds() -> Vec<(String, FrontInput)> {
+    use ClientIdChoice::{A as AppA, B as AppB};
+    use CredentialChoice::{Assertion, Secret};
+    let valid = || TokenChoice::Valid;
+    let client = |id: Option<ClientIdChoice>, credential, basic, also| {
+        Some(ClientAuth {
+            id,
+            credential,
+            basic,
+            also,
+        })
+    };
+    let with = |req: Req, client: Option<ClientAuth>| Req { client, ..req };
+    let dpop = |req: Req, choice: DpopChoice| Req {
+        dpop: Some(choice),
+        ..req
+    };
+    let cookie = || {
+        post(
+            vec![HeaderChoice::Cookie(CookieChoice::Token(valid()))],
+            BodyChoice::Empty,
+        )
+    };
+    let form_req = || {
+        post(
+            vec![ct(ContentTypeChoice::Form)],
+            BodyChoice::Form {
+                grant: GrantChoice::Refresh,
+                token: Some(valid()),
+                client: None,
+                extra: Blob::default(),
+            },
+        )
+    };
+    let json_req = || {
+        post(
+            vec![ct(ContentTypeChoice::Json)],
+            BodyChoice::Json {
+                token: Some(valid()),
+                pad: 0,
+                extra: Blob::default(),
+            },
+        )
+    };
+    let basic = |id, secret| with(cookie(), client(Some(id), Secret(secret), true, None));
+    let in_body = |req: Req, id: Option<ClientIdChoice>, credential| {
+        with(req, client(id, credential, false, None))
+    };
+    let twice = |requests: Vec<Req>| batches(Vec::new(), vec![requests.clone(), requests]);
+    let mut seeds = Vec::new();
+    seeds.push((
+        "client-basic-secrets".into(),
+        twice(vec![
+            basic(AppA, SecretChoice::One),
+            basic(AppA, SecretChoice::One),
+            basic(AppA, SecretChoice::Two),
+            basic(AppB, SecretChoice::One),
+            cookie(),
+            basic(AppA, SecretChoice::Empty),
+        ]),
+    ));
+    seeds.push((
+        "client-secrets-in-form-and-json".into(),
+        twice(vec![
+            in_body(form_req(), Some(AppA), Secret(SecretChoice::One)),
+            in_body(json_req(), Some(AppA), Secret(SecretChoice::One)),
+            in_body(form_req(), Some(AppA), Secret(SecretChoice::Two)),
+            in_body(json_req(), None, Secret(SecretChoice::One)),
+            in_body(form_req(), Some(AppA), CredentialChoice::None),
+            in_body(json_req(), Some(AppB), Secret(SecretChoice::Empty)),
+        ]),
+    ));
+    seeds.push((
+        "client-assertions".into(),
+        twice(vec![
+            in_body(form_req(), Some(AppA), Assertion(AssertionChoice::A)),
+            in_body(json_req(), Some(AppA), Assertion(AssertionChoice::A)),
+            in_body(form_req(), Some(AppA), Assertion(AssertionChoice::B)),
+            in_body(form_req(), None, Assertion(AssertionChoice::A)),
+            in_body(
+                form_req(),
+                Some(AppA),
+                Assertion(AssertionChoice::WithoutType),
+            ),
+            in_body(
+                json_req(),
+                Some(AppA),
+                Assertion(AssertionChoice::Raw {
+                    kind: Blob::default(),
+                    assertion: blob("x"),
+                }),
+            ),
+        ]),
+    ));
+    let form_basic =
+        |credential, also| with(form_req(), client(Some(AppA), credential, true, also));
+    seeds.push((
+        "client-two-methods".into(),
+        batches(
+            Vec::new(),
+            vec![vec![
+                form_basic(Secret(SecretChoice::One), Some(Secret(SecretChoice::Two))),
+                form_basic(Secret(SecretChoice::One), Some(Secret(SecretChoice::One))),
+                form_basic(
+                    Secret(SecretChoice::One),
+                    Some(Assertion(AssertionChoice::A)),
+                ),
+                form_basic(Assertion(AssertionChoice::A), None),
+                with(
+                    json_req(),
+                    client(
+                        Some(AppA),
+                        Secret(SecretChoice::One),
+                        false,
+                        Some(Assertion(AssertionChoice::A)),
+                    ),
+                ),
+                with(
+                    form_req(),
+                    client(
+                        Some(AppA),
+                        Secret(SecretChoice::One),
+                        false,
+                        Some(Secret(SecretChoice::One)),
+                    ),
+                ),
+            ]],
+        ),
+    ));
+    let a = || DpopChoice::Valid(KeyChoice::A);
+    let b = || DpopChoice::Valid(KeyChoice::B);
+    seeds.push((
+        "dpop-two-keys".into(),
+        batches(
+            Vec::new(),
+            vec![
+                vec![
+                    dpop(cookie(), a()),
+                    dpop(cookie(), a()),
+                    dpop(cookie(), b()),
+                    cookie(),
+                    dpop(bearer(valid()), a()),
+                    dpop(
+                        Req {
+                            path: PathChoice::Absolute,
+                            ..cookie()
+                        },
+                        a(),
+                    ),
+                ],
+                vec![dpop(cookie(), a()), dpop(cookie(), b()), cookie()],
+            ],
+        ),
+    ));
+    let faults = [
+        DpopFault::Signature,
+        DpopFault::Method,
+        DpopFault::Htu,
+        DpopFault::OtherOrigin,
+        DpopFault::OldIat,
+        DpopFault::FutureIat,
+        DpopFault::Typ,
+        DpopFault::AlgNone,
+        DpopFault::NoJti,
+        DpopFault::EmptyJti,
+        DpopFault::OtherJwk,
+        DpopFault::PrivateJwk,
+        DpopFault::NoJwk,
+        DpopFault::Truncated,
+    ];
+    let mut invalid: Vec<Req> = faults
+        .iter()
+        .enumerate()
+        .map(|(i, fault)| {
+            let key = if i % 2 == 0 {
+                KeyChoice::A
+            } else {
+                KeyChoice::B
+            };
+            dpop(
+                cookie(),
+                DpopChoice::Corrupt {
+                    key,
+                    fault: fault.clone(),
+                },
+            )
+        })
+        .collect();
+    invalid.push(dpop(cookie(), DpopChoice::Twice(KeyChoice::A)));
+    invalid.push(dpop(cookie(), DpopChoice::Raw(blob("x.y.z"))));
+    seeds.push((
+        "dpop-invalid-proofs".into(),
+        batches(Vec::new(), invalid.chunks(8).map(<[Req]>::to_vec).collect()),
+    ));
+    seeds.push((
+        "dpop-replays".into(),
+        batches(
+            Vec::new(),
+            vec![
+                vec![dpop(cookie(), a())],
+                vec![
+                    dpop(cookie(), DpopChoice::Replay(0)),
+                    dpop(bearer(valid()), DpopChoice::Replay(0)),
+                ],
+                vec![dpop(cookie(), b()), dpop(cookie(), DpopChoice::Replay(0))],
+            ],
+        ),
+    ));
+    let basic_dpop = |id, secret, key| dpop(basic(id, secret), key);
+    seeds.push((
+        "dpop-with-clients".into(),
+        twice(vec![
+            basic_dpop(AppA, SecretChoice::One, a()),
+            basic_dpop(AppA, SecretChoice::One, a()),
+            basic_dpop(AppA, SecretChoice::One, b()),
+            basic_dpop(AppB, SecretChoice::One, a()),
+            dpop(
+                in_body(form_req(), Some(AppA), Secret(SecretChoice::One)),
+                a(),
+            ),
+            dpop(
+                in_body(json_req(), Some(AppA), Assertion(AssertionChoice::A)),
+                b(),
+            ),
+        ]),
+    ));
+    let broken = || DpopChoice::Corrupt {
+        key: KeyChoice::A,
+        fault: DpopFault::Signature,
+    };
+    seeds.push((
+        "dpop-on-bypasses".into(),
+        batches(
+            Vec::new(),
+            vec![vec![
+                dpop(
+                    Req {
+                        path: PathChoice::Other,
+                        ..cookie()
+                    },
+                    broken(),
+                ),
+                dpop(
+                    post(
+                        vec![ct(ContentTypeChoice::Form)],
+                        BodyChoice::Form {
+                            grant: GrantChoice::AuthorizationCode,
+                            token: None,
+                            client: None,
+                            extra: blob("code=x"),
+                        },
+                    ),
+                    broken(),
+                ),
+                dpop(
+                    Req {
+                        path: PathChoice::Grpc,
+                        ..cookie()
+                    },
+                    a(),
+                ),
+                dpop(post(Vec::new(), BodyChoice::Empty), broken()),
             ]],
         ),
     ));
