@@ -1003,7 +1003,8 @@ mod tests {
         assert_eq!(summary.coalesced, 3, "{summary:?}");
     }
 
-    /// Two authentication methods are refused; the same secret twice is one method.
+    /// Two authentication methods are refused, even with the same secret twice (RFC 6749
+    /// §2.3: one method per request).
     #[test]
     fn two_client_authentication_methods_are_refused() {
         let summary = run_front(&seed("client-two-methods"));
@@ -1011,7 +1012,7 @@ mod tests {
             statuses(&summary),
             vec![
                 Some(400),
-                Some(200),
+                Some(400),
                 Some(400),
                 Some(400),
                 Some(400),

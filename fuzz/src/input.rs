@@ -178,8 +178,8 @@ pub struct ClientAuth {
     /// `client_secret`, `client_assertion_type`, `client_assertion`, in a form or a JSON
     /// object, whichever the body is; none in another body).
     pub basic: bool,
-    /// A second credential among the body's parameters: a second method (refused unless
-    /// it is the same secret).
+    /// A second credential among the body's parameters: a second method, refused even if
+    /// it is the same secret.
     pub also: Option<CredentialChoice>,
 }
 

@@ -54,9 +54,9 @@ pub struct Seen {
     pub tokens: BTreeSet<String>,
     /// Distinct client ids (Basic user, form or JSON `client_id`).
     pub clients: BTreeSet<String>,
-    /// Distinct client credentials (Basic password, form or JSON `client_secret`, client
-    /// assertions).
-    pub credentials: BTreeSet<Credential>,
+    /// Every client credential presented (Basic password, form or JSON `client_secret`,
+    /// client assertions): more than one is two methods, even if they are equal.
+    pub credentials: Vec<Credential>,
     /// What the `DPoP` header binds the request to.
     pub sender: Sender,
     /// The `DPoP` header values (lossy UTF-8).
@@ -542,7 +542,7 @@ pub fn model(path: &str, headers: &HeaderMap, body: Option<&[u8]>, proofs: &Proo
             && let Some((user, password)) = basic_user(credentials)
         {
             seen.clients.insert(user);
-            seen.credentials.insert(Credential::Secret(password));
+            seen.credentials.push(Credential::Secret(password));
         }
     }
 
@@ -644,13 +644,12 @@ fn client_params<'a>(seen: &mut Seen, string: impl Fn(&str) -> Option<&'a str>) 
         seen.clients.insert(id.to_owned());
     }
     if let Some(secret) = string("client_secret") {
-        seen.credentials
-            .insert(Credential::Secret(secret.to_owned()));
+        seen.credentials.push(Credential::Secret(secret.to_owned()));
     }
     let kind = string("client_assertion_type");
     let assertion = string("client_assertion");
     if kind.is_some() || assertion.is_some() {
-        seen.credentials.insert(Credential::Assertion {
+        seen.credentials.push(Credential::Assertion {
             kind: kind.unwrap_or("").to_owned(),
             assertion: assertion.unwrap_or("").to_owned(),
         });

@@ -191,9 +191,10 @@ impl Found {
         }
     }
 
-    /// RFC 6749 §2.3: a client must not use more than one authentication method in a request.
+    /// RFC 6749 §2.3: a client must not use more than one authentication method in a
+    /// request, not even the same secret twice (an inner service may refuse it).
     fn credential(&mut self, credential: Credential) -> Result<(), Rejected> {
-        if self.client.credential != Credential::None && self.client.credential != credential {
+        if self.client.credential != Credential::None {
             return Err(malformed(
                 "more than one client authentication in the request",
             ));
@@ -632,6 +633,13 @@ mod tests {
             Some((&body, BodyKind::Form)),
         );
         assert!(two.is_err(), "two authentication methods are refused");
+        let body = Bytes::from_static(b"grant_type=refresh_token&refresh_token=t&client_secret=pw");
+        let twice = find(
+            &sources,
+            &headers(&[("authorization", &basic)]),
+            Some((&body, BodyKind::Form)),
+        );
+        assert!(twice.is_err(), "the same secret twice is two methods too");
         let body = Bytes::from_static(br#"{"refresh_token":"t","client_secret":5}"#);
         assert!(find(&sources, &HeaderMap::new(), Some((&body, BodyKind::Json))).is_err());
     }
