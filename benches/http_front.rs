@@ -435,6 +435,9 @@ fn one_inner_call(name: &str, handle: &Handle, handler: &Handler) {
     );
 }
 
+/// Builds one request of a case.
+type MakeRequest = Arc<dyn Fn() -> Request<Full<Bytes>> + Send + Sync>;
+
 /// Replays keyed with the client's credentials: `Authorization: Basic`, and the form's
 /// `client_id` and `client_secret` next to a form without them.
 fn client_authentication(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
@@ -455,7 +458,7 @@ fn client_authentication(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime)
         &format!("&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"),
     );
     let form_secret = move || form_request(&secret);
-    let cases: [(&str, Arc<dyn Fn() -> Request<Full<Bytes>> + Send + Sync>); 3] = [
+    let cases: [(&str, MakeRequest); 3] = [
         ("replayed_hs256_basic", Arc::new(basic)),
         ("replayed_hs256_form", Arc::new(form)),
         ("replayed_hs256_form_secret", Arc::new(form_secret)),
