@@ -34,12 +34,13 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use base64::{Engine as _, engine::general_purpose::STANDARD};
 use bytes::Bytes;
 use criterion::{
     BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime,
 };
 use futures_util::future::join_all;
-use http::{Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -47,8 +48,12 @@ use serde_json::json;
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt};
 use tower_refresh_coalesce::{
-    HttpExtract, JwtVerifier, RefreshCoalesceLayer, Verified, Verify, error::Rejected,
+    Handle, HttpExtract, JwtVerifier, RefreshCoalesceLayer, Verified, Verify, error::Rejected,
+    token::DpopVerifier,
 };
+
+#[path = "../tests/support/dpop.rs"]
+mod dpop;
 
 const SECRET: &[u8] = b"bench signing secret, 32 bytes!!";
 const REFRESH_TYP: &str = "refresh+jwt";
@@ -56,6 +61,18 @@ const RSA_PRIVATE: &[u8] = include_bytes!("../tests/support/keys/rsa_private.pem
 const RSA_PUBLIC: &[u8] = include_bytes!("../tests/support/keys/rsa_public.pem");
 /// Followers of the storm group.
 const FOLLOWERS: usize = 1_000;
+/// The client of the client-authentication cases, and its secret.
+const CLIENT_ID: &str = "bench-client";
+const CLIENT_SECRET: &str = "kV3q9XbT1mZr8LwP0sYd6HcN2fJ5gEuA";
+/// The origin clients reach the server at: the `htu` of the proofs is `ORIGIN` + `PATH`.
+const ORIGIN: &str = "https://auth.example";
+const PATH: &str = "/oauth/token";
+const DPOP: HeaderName = HeaderName::from_static("dpop");
+/// Remembered `jti`s of the replay case's verifier: more than one case can present within
+/// the 60 s window of a proof.
+const MAX_JTIS: usize = 1_000_000;
+/// Proofs signed for each `dpop_check_*` case, each checked once per verifier.
+const POOL: usize = 1_024;
 
 #[derive(Clone, Copy, Debug)]
 enum Alg {
@@ -112,7 +129,7 @@ fn refresh_body(token: &str) -> Bytes {
 }
 
 fn refresh_request(body: &Bytes) -> Request<Full<Bytes>> {
-    Request::post("/oauth/token")
+    Request::post(PATH)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, body.len())
         .body(Full::new(body.clone()))
@@ -248,6 +265,112 @@ fn bench_requests<S, B>(
     });
 }
 
+/// The RFC 6749 form body of a refresh request carrying `token`, with `extra` appended.
+fn form_body(token: &str, extra: &str) -> Bytes {
+    format!("grant_type=refresh_token&refresh_token={token}{extra}").into()
+}
+
+fn form_request(body: &Bytes) -> Request<Full<Bytes>> {
+    Request::post(PATH)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Full::new(body.clone()))
+        .expect("request")
+}
+
+/// `Authorization: Basic` of the bench client.
+fn basic_authorization() -> HeaderValue {
+    let credentials = STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+    HeaderValue::from_str(&format!("Basic {credentials}")).expect("header value")
+}
+
+/// The DPoP verifier of the front and of the check cases: the defaults (ES256, ES384,
+/// RS256, PS256, EdDSA; 60 s window; proofs up to 4096 bytes) with the origin that path-only
+/// requests need, and `max_jtis` remembered proofs.
+fn dpop_verifier(max_jtis: usize) -> DpopVerifier {
+    DpopVerifier::builder()
+        .origin(ORIGIN)
+        .max_jtis(max_jtis)
+        .build()
+        .expect("DPoP verifier")
+}
+
+/// Signs DPoP proofs of one key for `POST ORIGIN PATH`, issued now, with distinct `jti`s.
+struct ProofSigner {
+    key: dpop::TestKey,
+    header: serde_json::Value,
+    encoding: jsonwebtoken::EncodingKey,
+    htu: String,
+    next: u64,
+}
+
+impl ProofSigner {
+    fn new(key: dpop::TestKey) -> Self {
+        Self {
+            key,
+            header: dpop::header(&key),
+            encoding: key.encoding_key(),
+            htu: format!("{ORIGIN}{PATH}"),
+            next: 0,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.key.alg {
+            Algorithm::ES256 => "es256",
+            Algorithm::RS256 => "rs256",
+            other => panic!("no bench case for {other:?}"),
+        }
+    }
+
+    /// A proof with a new `jti` (as long as a UUID).
+    fn proof(&mut self) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        let jti = format!("bench-{:030}", self.next);
+        self.next += 1;
+        let claims = dpop::claims("POST", &self.htu, now, &jti);
+        dpop::sign_with(&self.header, &claims, &self.encoding, self.key.alg)
+    }
+
+    fn proofs(&mut self, n: usize) -> Vec<HeaderValue> {
+        (0..n)
+            .map(|_| HeaderValue::from_str(&self.proof()).expect("header value"))
+            .collect()
+    }
+}
+
+/// `iters` requests built by `request`, each built, called and read inside the timed loop.
+fn bench_requests_with<S, B, R>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    name: &str,
+    service: S,
+    request: R,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Debug,
+    R: Fn() -> Request<Full<Bytes>> + Clone + Send + 'static,
+{
+    group.bench_function(name, |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (mut service, request) = (service.clone(), request.clone());
+            in_task(async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(round_trip(&mut service, request()).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+}
+
 fn http_front(c: &mut Criterion) {
     let rt = current_thread();
     let mut group = c.benchmark_group("http_front");
@@ -288,7 +411,125 @@ fn http_front(c: &mut Criterion) {
             b.iter(|| black_box(verifier.verify(black_box(&token)).expect("valid")))
         });
     }
+    client_authentication(&mut group, &rt);
+    dpop_replayed(&mut group, &rt);
+    for key in [dpop::ES256_A, dpop::RS256] {
+        dpop_check(&mut group, key);
+    }
     group.finish();
+}
+
+/// Checks that `handler` was called once, by the leader, and reports the replays.
+fn one_inner_call(name: &str, handle: &Handle, handler: &Handler) {
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.leader, handler.calls()),
+        (1, 1),
+        "{name}: one inner call"
+    );
+    println!(
+        "http_front/{name}: leader {}, replayed {}, inner calls {}",
+        stats.leader,
+        stats.replayed,
+        handler.calls()
+    );
+}
+
+/// Builds one request of a case.
+type MakeRequest = Arc<dyn Fn() -> Request<Full<Bytes>> + Send + Sync>;
+
+/// Replays keyed with the client's credentials: `Authorization: Basic`, and the form's
+/// `client_id` and `client_secret` next to a form without them.
+fn client_authentication(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
+    let token = Alg::Hs256.token();
+    let json = refresh_body(&token);
+    let authorization = basic_authorization();
+    let basic = move || {
+        let mut request = refresh_request(&json);
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, authorization.clone());
+        request
+    };
+    let plain = form_body(&token, "");
+    let form = move || form_request(&plain);
+    let secret = form_body(
+        &token,
+        &format!("&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"),
+    );
+    let form_secret = move || form_request(&secret);
+    let cases: [(&str, MakeRequest); 3] = [
+        ("replayed_hs256_basic", Arc::new(basic)),
+        ("replayed_hs256_form", Arc::new(form)),
+        ("replayed_hs256_form_secret", Arc::new(form_secret)),
+    ];
+    for (name, request) in cases {
+        let handler = Handler::new();
+        let layer = RefreshCoalesceLayer::http(HttpExtract::new(Alg::Hs256.verifier())).build();
+        let handle = layer.handle();
+        let mut front = layer.layer(handler.clone());
+        rt.block_on(round_trip(&mut front, request()));
+        bench_requests_with(group, rt, name, front, move || request());
+        one_inner_call(name, &handle, &handler);
+    }
+}
+
+/// Replays of a DPoP-bound client: every request carries a fresh ES256 proof.
+fn dpop_replayed(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
+    let name = "replayed_hs256_dpop_es256";
+    let body = refresh_body(&Alg::Hs256.token());
+    let handler = Handler::new();
+    let extract = HttpExtract::new(Alg::Hs256.verifier()).dpop(dpop_verifier(MAX_JTIS));
+    let layer = RefreshCoalesceLayer::http(extract).build();
+    let handle = layer.handle();
+    let mut front = layer.layer(handler.clone());
+    let mut signer = ProofSigner::new(dpop::ES256_A);
+    let with_proof = |body: &Bytes, proof: HeaderValue| {
+        let mut request = refresh_request(body);
+        request.headers_mut().insert(DPOP, proof);
+        request
+    };
+    let lead = signer.proofs(1).remove(0);
+    rt.block_on(round_trip(&mut front, with_proof(&body, lead)));
+    group.bench_function(name, |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            // Signed before the timed loop, each presented once.
+            let proofs = signer.proofs(usize::try_from(iters).expect("iterations fit"));
+            let (mut front, body) = (front.clone(), body.clone());
+            in_task(async move {
+                let start = Instant::now();
+                for proof in proofs {
+                    black_box(round_trip(&mut front, with_proof(&body, proof)).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    one_inner_call(name, &handle, &handler);
+}
+
+/// One `DpopVerifier::check` of a fresh proof by `key`.
+fn dpop_check(group: &mut BenchmarkGroup<'_, WallTime>, key: dpop::TestKey) {
+    let mut signer = ProofSigner::new(key);
+    let (method, uri) = (Method::POST, Uri::from_static(PATH));
+    group.bench_function(format!("dpop_check_{}", signer.name()), |b| {
+        // Signed once the case is selected, within the window of their `iat`.
+        let pool: Vec<String> = (0..POOL).map(|_| signer.proof()).collect();
+        b.iter_custom(|iters| {
+            let iters = usize::try_from(iters).expect("iterations fit");
+            let verifiers: Vec<_> = (0..iters.div_ceil(POOL))
+                .map(|_| dpop_verifier(POOL))
+                .collect();
+            let start = Instant::now();
+            for i in 0..iters {
+                let checked = verifiers[i / POOL]
+                    .check(black_box(&pool[i % POOL]), &method, &uri, SystemTime::now())
+                    .expect("a valid proof");
+                black_box(checked);
+            }
+            start.elapsed()
+        })
+    });
 }
 
 /// A verifier that counts its verifications.

@@ -163,6 +163,47 @@ def http_front(runs):
                     print(f"{os.path.basename(run)}: {line.strip()}")
 
 
+# The client-authentication and DPoP cases of http_front, each with the case it adds to
+# (None: no baseline).
+AUTH = [
+    ("replayed_hs256", None),
+    ("replayed_hs256_basic", "replayed_hs256"),
+    ("replayed_hs256_form", None),
+    ("replayed_hs256_form_secret", "replayed_hs256_form"),
+    ("replayed_hs256_dpop_es256", "replayed_hs256"),
+    ("dpop_check_es256", None),
+    ("dpop_check_rs256", None),
+    ("verify_hs256", None),
+    ("verify_rs256", None),
+]
+
+
+def client_auth(runs):
+    data = {bench: load(runs, "http_front", bench) for bench, _ in AUTH}
+    if not any(runs_of(data[b]) for b, _ in AUTH[1:7]):
+        return
+    print("\n### http_front: client authentication and DPoP\n")
+    print("| benchmark | median | min – max | per-run medians | added to its baseline, per run |")
+    print("|---|---|---|---|---|")
+    for bench, base in AUTH:
+        d = data[bench]
+        medians = runs_of(d)
+        if not medians:
+            continue
+        samples = [x for r in d if r is not None for x in r[1]]
+        added = "–"
+        if base is not None and runs_of(data[base]):
+            diffs = [c[0] - b[0] for c, b in zip(d, data[base]) if c is not None and b is not None]
+            added = f"{' / '.join(fmt_ns(x) for x in diffs)} (vs {base})"
+        print(f"| {bench} | {fmt_ns(med(medians))} | {fmt_ns(min(samples))} – "
+              f"{fmt_ns(max(samples))} | {' / '.join(fmt_ns(m) for m in medians)} | {added} |")
+    for run in runs:
+        with open(os.path.join(run, "stdout.txt")) as f:
+            for line in f:
+                if line.startswith("http_front/replayed_hs256_") and "leader" in line:
+                    print(f"{os.path.basename(run)}: {line.strip()}")
+
+
 def memory(runs):
     pattern = re.compile(r"memory (\S+): entries (\d+), .* ([\d.]+) bytes per entry")
     per = {}
@@ -210,6 +251,7 @@ def main():
     group_table(runs, "hot_hit_contended", throughput=True)
     inner_calls(runs)
     http_front(runs)
+    client_auth(runs)
     memory(runs)
 
 
