@@ -99,7 +99,7 @@ struct ExtractConfig<V> {
     bind: Option<Bind>,
     assertion_identity: Option<AssertionIdentity>,
     #[cfg(feature = "jwt")]
-    dpop: Option<crate::token::DpopVerifier>,
+    dpop: crate::token::DpopVerifier,
 }
 
 /// Where the fingerprint secret came from.
@@ -143,7 +143,7 @@ impl<V: Verify> HttpExtract<V> {
                 bind: None,
                 assertion_identity: None,
                 #[cfg(feature = "jwt")]
-                dpop: Some(crate::token::DpopVerifier::new()),
+                dpop: crate::token::DpopVerifier::new(),
             }),
         }
     }
@@ -274,7 +274,7 @@ impl<V: Verify> HttpExtract<V> {
     #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
     #[must_use]
     pub fn dpop(self, verifier: crate::token::DpopVerifier) -> Self {
-        self.config(|c| c.dpop = Some(verifier))
+        self.config(|c| c.dpop = verifier)
     }
 
     /// The keys of this extractor's fingerprints, for invalidation by token or subject.
@@ -370,12 +370,9 @@ where
         // A refusal sent before the body was read leaves the rest of it on an HTTP/1
         // connection: such refusals carry `Connection: close` (HTTP/2 ends only the stream).
         let http1 = parts.version <= Version::HTTP_11;
-        if parts.headers.get_all(CONTENT_TYPE).iter().nth(1).is_some() {
-            // A singleton field (RFC 9110 §8.3): an inner service reading another value than
-            // the first would parse a body the layer did not look at.
-            let malformed = Rejected::new(Rejection::Malformed("more than one content type"));
+        if let Err(refused) = grant::one_content_type(&parts.headers) {
             let closes = http1 && !body.is_end_stream();
-            return ExtractFuture::ready(Err(malformed.closing(closes).into()));
+            return ExtractFuture::ready(Err(refused.closing(closes).into()));
         }
         let kind = source::body_kind(&parts.headers);
         if !(self.inner.reads_body && matches!(kind, Some(BodyKind::Json | BodyKind::Form))) {
@@ -504,27 +501,29 @@ impl<V: Verify> ExtractConfig<V> {
 
     /// The request's sender constraint: the thumbprint of its verified DPoP proof's key.
     fn sender(&self, parts: &::http::request::Parts) -> Result<Sender, Rejected> {
-        let mut proofs = parts.headers.get_all(DPOP).iter();
-        let Some(proof) = proofs.next() else {
+        if !parts.headers.contains_key(DPOP) {
             return Ok(Sender::None);
-        };
-        if proofs.next().is_some() {
-            return Err(Rejected::new(Rejection::InvalidDpopProof(
-                "more than one DPoP header",
-            )));
         }
-        let proof = proof.to_str().map_err(|_| {
-            Rejected::new(Rejection::InvalidDpopProof(
-                "DPoP header is not visible ASCII",
-            ))
-        })?;
         #[cfg(feature = "jwt")]
-        if let Some(verifier) = &self.dpop {
-            let checked = verifier.check_request(parts, std::time::SystemTime::now())?;
-            return Ok(Sender::Key(*checked.thumbprint(), checked.thumbprint_b64()));
+        {
+            // Refuses a request with more than one proof too.
+            let checked = self
+                .dpop
+                .check_request(parts, std::time::SystemTime::now())?;
+            Ok(Sender::Key(*checked.thumbprint(), checked.thumbprint_b64()))
         }
-        // No checker: key on the whole proof, so that no two proofs share an answer.
-        Ok(Sender::Proof(proof.as_bytes().to_vec()))
+        #[cfg(not(feature = "jwt"))]
+        {
+            // No checker without `jwt`: key on the whole proof, so that no two proofs share
+            // an answer.
+            let invalid = |why| Rejected::new(Rejection::InvalidDpopProof(why));
+            let mut proofs = parts.headers.get_all(DPOP).iter();
+            let proof = proofs.next().expect("the header is present");
+            if proofs.next().is_some() {
+                return Err(invalid("more than one DPoP header"));
+            }
+            Ok(Sender::Proof(proof.as_bytes().to_vec()))
+        }
     }
 }
 
@@ -535,15 +534,17 @@ const DPOP: HeaderName = HeaderName::from_static("dpop");
 enum Sender {
     None,
     /// A verified proof: its key's RFC 7638 thumbprint, raw and base64url.
-    #[cfg_attr(not(feature = "jwt"), allow(dead_code))]
+    #[cfg(feature = "jwt")]
     Key([u8; 32], String),
-    /// An unchecked proof, whole.
+    /// An unchecked proof, whole (without `jwt`, which checks proofs).
+    #[cfg(not(feature = "jwt"))]
     Proof(Vec<u8>),
 }
 
 impl Sender {
     fn thumbprint(&self) -> Option<String> {
         match self {
+            #[cfg(feature = "jwt")]
             Self::Key(_, b64) => Some(b64.clone()),
             _ => None,
         }
@@ -572,7 +573,9 @@ fn party<'a>(
     };
     let (sender_kind, sender): (&[u8], &[u8]) = match sender {
         Sender::None => (b"none", b""),
+        #[cfg(feature = "jwt")]
         Sender::Key(thumbprint, _) => (b"jkt", thumbprint),
+        #[cfg(not(feature = "jwt"))]
         Sender::Proof(proof) => (b"proof", proof),
     };
     [

@@ -64,11 +64,7 @@ impl RefreshGrant {
         body: &[u8],
         sources: &[TokenSource],
     ) -> Result<Option<Self>, Rejected> {
-        if headers.get_all(CONTENT_TYPE).iter().nth(1).is_some() {
-            return Err(Rejected::new(Rejection::Malformed(
-                "more than one content type",
-            )));
-        }
+        one_content_type(headers)?;
         let body = Bytes::copy_from_slice(body);
         let reads_body = sources.iter().any(TokenSource::reads_body);
         let read = match source::body_kind(headers) {
@@ -128,6 +124,18 @@ impl fmt::Debug for RefreshGrant {
             .field("dpop_thumbprint", &self.sender)
             .finish()
     }
+}
+
+/// Refuses a request with more than one `Content-Type`: a singleton field (RFC 9110 §8.3),
+/// and an inner service reading another value than the first would parse a body the layer
+/// did not look at.
+pub(crate) fn one_content_type(headers: &HeaderMap) -> Result<(), Rejected> {
+    if headers.get_all(CONTENT_TYPE).iter().nth(1).is_some() {
+        return Err(Rejected::new(Rejection::Malformed(
+            "more than one content type",
+        )));
+    }
+    Ok(())
 }
 
 /// The token and client of a request, or `None` for another grant type. `unread_body`: the
