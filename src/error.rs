@@ -306,6 +306,7 @@ impl Rejected {
     /// Marks a refusal sent before the request body was read to its end, when `closes`: its
     /// HTTP/1 response carries `Connection: close`, so that a pooled client does not send
     /// its next request into the rest of this one's body.
+    #[cfg(feature = "http")]
     pub(crate) fn closing(mut self, closes: bool) -> Self {
         self.closes |= closes;
         self

@@ -8,25 +8,21 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
-    time::{Duration, SystemTime},
 };
 
 use futures_util::FutureExt;
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, sleep};
+use tokio::time::{Sleep, sleep};
 use tower_service::Service;
-use tracing::Instrument;
 
 use crate::{
-    error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded},
-    flight::{
-        FlightFuture, FlightGuard, FlightResult, Found, Lead, Lookup, Value, Waiter, join_result,
-    },
+    core::Core,
+    error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded, Rejected, Rejection},
+    flight::{Found, Lead, Lookup, Refused, Value, Waiter},
     key::{Extract, Extracted, Fingerprint},
-    layer::Core,
-    metrics::{Outcome, StoreCounters},
+    leader::{self, Flight},
+    metrics::Outcome,
     share::{Served, Share},
-    store::{Finished, Followed, Keep, Plan},
 };
 
 pin_project! {
@@ -131,7 +127,7 @@ where
                             served,
                         }),
                         Step::Pass(request) => {
-                            core.table.counters.record(Outcome::Bypassed);
+                            core.counters.record(Outcome::Bypassed);
                             let mut inner = this.inner.take().expect("service taken once");
                             this.state.set(State::Calling {
                                 future: inner.call(request),
@@ -149,7 +145,7 @@ where
                         }
                         Step::Refuse(error, outcome) => {
                             this.state.set(State::Done);
-                            core.table.counters.record(outcome);
+                            core.counters.record(outcome);
                             return Poll::Ready(core.share.reject(error));
                         }
                     }
@@ -169,7 +165,7 @@ where
                                 answer::<S::Response, S::Error, X, P>(core, &value, served)
                             }
                             Err(failed) => {
-                                core.table.counters.record(
+                                core.counters.record(
                                     if failed.failure() == Failure::RemoteTimeout {
                                         Outcome::TimedOut
                                     } else {
@@ -183,7 +179,7 @@ where
                     ready!(deadline.poll(cx));
                     // The flight goes on without this caller; its result will be replayed.
                     this.state.set(State::Done);
-                    core.table.counters.record(Outcome::TimedOut);
+                    core.counters.record(Outcome::TimedOut);
                     return Poll::Ready(core.share.reject(Elapsed::new(core.wait_timeout).into()));
                 }
                 StateProj::Calling { future } => {
@@ -223,251 +219,48 @@ where
                 Err(error) => return Step::Refuse(error, Outcome::Rejected),
             };
             let inner = inner.take().expect("service taken once");
-            let flight = Flight {
-                key,
-                // Without a token-derived secret, values are sealed by the store's own.
-                seal: admission.seal_key().copied().unwrap_or(*key.as_bytes()),
-                group: admission.group_key().copied(),
-                tag: admission.tag_key().copied(),
-                expires: admission.expires(),
-            };
+            let flight = Flight::new(key, &admission);
             let started = core.table.lead(key, admission, |id| {
-                spawn_flight(core, inner, request, flight, id)
+                leader::spawn(core, inner, request, flight, id)
             });
             match started {
                 Ok((Lead::Started(waiter), reuse)) => {
                     if reuse {
-                        core.table.counters.reuse_suspected();
+                        core.counters.reuse_suspected();
                         tracing::warn!(
                             flight = waiter.id,
                             "reuse suspected: another token of this subject has a live entry"
                         );
                     }
-                    core.table.counters.record(Outcome::Leader);
+                    core.counters.record(Outcome::Leader);
                     return Step::Wait(waiter, Served::Leader);
                 }
                 Ok((Lead::Found(found), _)) => Ok(found),
-                Err(error) => Err(error),
+                Err(refused) => Err(refused),
             }
         }
         Ok(Lookup::Found(other)) => Ok(other),
-        Err(error) => Err(error),
+        Err(refused) => Err(refused),
     };
     match found {
         Ok(Found::Replay(value)) => {
-            core.table.counters.record(Outcome::Replayed);
+            core.counters.record(Outcome::Replayed);
             Step::Answer(value, Served::Replayed)
         }
         Ok(Found::Join(waiter)) => {
-            core.table.counters.record(Outcome::Joined);
+            core.counters.record(Outcome::Joined);
             tracing::debug!(flight = waiter.id, "joined flight");
             Step::Wait(waiter, Served::Joined)
         }
         Ok(Found::Vacant) => unreachable!("lead never reports a vacant key"),
-        Err(error) => {
-            let outcome = if error.is::<Overloaded>() {
-                Outcome::Overloaded
-            } else {
-                Outcome::Rejected
-            };
-            Step::Refuse(error, outcome)
+        // The table's words for a refusal become the layer's errors here.
+        Err(Refused::Expired) => {
+            Step::Refuse(Rejected::new(Rejection::Expired).into(), Outcome::Rejected)
+        }
+        Err(Refused::Full(limit)) => {
+            Step::Refuse(Overloaded::new(limit).into(), Outcome::Overloaded)
         }
     }
-}
-
-/// What the flight task needs to know of its key.
-#[derive(Clone, Copy)]
-struct Flight {
-    key: Fingerprint,
-    seal: [u8; 32],
-    group: Option<Fingerprint>,
-    /// The entry's second name (the HTTP front's token tag), remembered in the store.
-    tag: Option<Fingerprint>,
-    /// When the presented token expires: no replay of its flight outlives it.
-    expires: Option<SystemTime>,
-}
-
-/// Spawns the inner call of flight `id` and returns the future its callers share.
-///
-/// Called under the table's shard lock: it only spawns. The task runs the flight (asking
-/// the store first, if there is one), lets the share policy store the result, and finishes
-/// the entry (replay or removal) before its join handle resolves, all under the hard cap.
-/// Its [`FlightGuard`] removes the entry if it panics or is cancelled.
-fn spawn_flight<X, P, S, R>(
-    core: &Arc<Core<X, P>>,
-    inner: S,
-    request: R,
-    flight: Flight,
-    id: u64,
-) -> FlightFuture
-where
-    X: Send + Sync + 'static,
-    S: Service<R> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-    S::Error: Send + 'static,
-    R: Send + 'static,
-    P: Share<S::Response, S::Error>,
-{
-    let core = core.clone();
-    let span = tracing::debug_span!("refresh_coalesce_flight", flight = id);
-    let task = async move {
-        let guard = FlightGuard::new(core.table.clone(), flight.key, id);
-        let run = run_flight(&core, inner, request, flight);
-        match tokio::time::timeout(core.hard_cap, run).await {
-            Ok(Ok((value, replay))) => {
-                let value: Value = Arc::new(value);
-                // An invalidation removed the entry while the flight ran (here, or on another
-                // instance through the store's listener): the result is revoked for every
-                // caller, not only for the next request.
-                if guard.complete(&value, replay) {
-                    Ok(value)
-                } else {
-                    Err(LeaderFailed::new(Failure::Revoked))
-                }
-            }
-            Ok(Err(failure)) => Err(LeaderFailed::new(failure)),
-            Err(_) => {
-                tracing::warn!(
-                    flight = id,
-                    "inner call exceeded the hard cap and was aborted"
-                );
-                Err(LeaderFailed::new(Failure::HardCap))
-            }
-        }
-    };
-    let handle = tokio::spawn(task.instrument(span));
-    let future: Pin<Box<dyn Future<Output = FlightResult> + Send>> =
-        Box::pin(handle.map(join_result));
-    future.shared()
-}
-
-/// The body of a flight: its value, and how long to replay it (`None`: not at all).
-///
-/// Without a store, the inner service is called. With one: a result another instance
-/// stored answers the flight; otherwise the election decides whether this flight calls the
-/// inner service (and stores the result) or waits for the instance that does. A flight
-/// invalidated while it ran (its generations moved in the store) fails with
-/// [`Failure::Revoked`]. No replay outlives the presented token's own expiry.
-async fn run_flight<X, P, S, R>(
-    core: &Core<X, P>,
-    inner: S,
-    request: R,
-    flight: Flight,
-) -> Result<(P::Value, Option<Duration>), Failure>
-where
-    S: Service<R>,
-    P: Share<S::Response, S::Error>,
-{
-    let Flight {
-        key,
-        seal,
-        group,
-        tag,
-        expires,
-    } = flight;
-    let life = |ttl: Duration| match expires {
-        Some(at) => ttl.min(at.duration_since(SystemTime::now()).unwrap_or_default()),
-        None => ttl,
-    };
-    let replay_for = |value: &P::Value, ttl: Duration| {
-        let ttl = life(ttl);
-        (core.share.is_replayable(value) && !ttl.is_zero()).then_some(ttl)
-    };
-    let ttl = core.table.ttl();
-    let Some(remote) = &core.remote else {
-        let value = call(core, inner, request).await;
-        let replay = replay_for(&value, ttl);
-        return Ok((value, replay));
-    };
-    let counters = &core.table.counters.store;
-    if let Some(stored) = remote.load(&key, &seal, group.as_ref(), counters).await
-        && let Some(value) = core.share.decode(&stored.value)
-    {
-        StoreCounters::add(&counters.replayed, "replayed");
-        let replay = replay_for(&value, stored.ttl.min(ttl));
-        return Ok((value, replay));
-    }
-    let generation_life = remote.generation_life(ttl);
-    match remote
-        .elect(
-            &key,
-            group.as_ref(),
-            tag.as_ref(),
-            generation_life,
-            counters,
-        )
-        .await
-    {
-        Plan::Local => {
-            let value = call(core, inner, request).await;
-            let replay = replay_for(&value, ttl);
-            Ok((value, replay))
-        }
-        Plan::Follow(leader, started) => {
-            // A little longer than the callers wait, so that they get their own timeout.
-            let deadline = Instant::now() + core.wait_timeout + Duration::from_millis(500);
-            let stored = match remote
-                .follow(&key, &leader, &seal, &started, deadline, counters)
-                .await
-            {
-                Followed::Arrived(stored) => stored,
-                Followed::Revoked => return Err(Failure::Revoked),
-                Followed::Elapsed => return Err(Failure::RemoteTimeout),
-            };
-            let value = core
-                .share
-                .decode(&stored.value)
-                .ok_or(Failure::Incompatible)?;
-            let replay = if stored.replay {
-                replay_for(&value, stored.ttl.min(ttl))
-            } else {
-                None
-            };
-            Ok((value, replay))
-        }
-        Plan::Lead(fence, started) => {
-            let value = call(core, inner, request).await;
-            let replay = replay_for(&value, ttl);
-            let keep = match replay {
-                Some(ttl) => Keep::Replay { ttl },
-                // Not a replay, but the followers of this flight must still receive it.
-                None => Keep::Flight {
-                    ttl: core.wait_timeout + Duration::from_secs(1),
-                },
-            };
-            let encoded = core.share.encode(&value).map(|bytes| (bytes, keep));
-            let finished = remote
-                .finish(&key, &fence, &seal, encoded, started.as_ref(), counters)
-                .await;
-            match finished {
-                Finished::Own => Ok((value, replay)),
-                Finished::Revoked => Err(Failure::Revoked),
-                // A late leader: another result was stored first. Every caller everywhere
-                // gets that one, so all of them see the same tokens.
-                Finished::Existing(winner) => match core.share.decode(&winner.value) {
-                    Some(stored) => {
-                        tracing::warn!(
-                            "a result was stored before this flight's: answering with it"
-                        );
-                        let replay = replay_for(&stored, winner.ttl.min(ttl));
-                        Ok((stored, replay))
-                    }
-                    None => Ok((value, replay)),
-                },
-            }
-        }
-    }
-}
-
-/// Calls the inner service and lets the share policy store the result.
-async fn call<X, P, S, R>(core: &Core<X, P>, mut inner: S, request: R) -> P::Value
-where
-    S: Service<R>,
-    P: Share<S::Response, S::Error>,
-{
-    let result = inner.call(request).await;
-    core.share.share(result).await
 }
 
 /// Builds one caller's response from a flight's value.
@@ -482,7 +275,7 @@ where
     match value.downcast_ref::<P::Value>() {
         Some(value) => core.share.respond(value, served),
         None => {
-            core.table.counters.record(Outcome::LeaderFailed);
+            core.counters.record(Outcome::LeaderFailed);
             core.share
                 .reject(LeaderFailed::new(Failure::Incompatible).into())
         }

@@ -5,8 +5,9 @@ use std::{fmt, sync::Arc};
 use crate::{
     flight::Table,
     key::{Fingerprint, Fingerprinter},
-    metrics::Stats,
-    store::{Invalidation, Remote},
+    leader::Remote,
+    metrics::{Counters, Stats},
+    store::Invalidation,
 };
 
 /// A cheap-to-clone handle on the table of a [`RefreshCoalesceLayer`](crate::RefreshCoalesceLayer).
@@ -17,6 +18,7 @@ use crate::{
 #[derive(Clone)]
 pub struct Handle {
     table: Arc<Table>,
+    counters: Arc<Counters>,
     keys: Option<Fingerprinter>,
     remote: Option<Arc<Remote>>,
 }
@@ -24,11 +26,13 @@ pub struct Handle {
 impl Handle {
     pub(crate) fn new(
         table: Arc<Table>,
+        counters: Arc<Counters>,
         keys: Option<Fingerprinter>,
         remote: Option<Arc<Remote>>,
     ) -> Self {
         Self {
             table,
+            counters,
             keys,
             remote,
         }
@@ -95,7 +99,7 @@ impl Handle {
     /// A snapshot of the counters and gauges.
     pub fn stats(&self) -> Stats {
         let breaker_open = self.remote.as_ref().is_some_and(|r| r.breaker_open());
-        self.table.stats(breaker_open)
+        self.counters.snapshot(self.table.gauges(), breaker_open)
     }
 }
 

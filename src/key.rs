@@ -51,12 +51,23 @@ impl Fingerprint {
 
     /// The digest as 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
-        use fmt::Write;
-        let mut out = String::with_capacity(64);
-        for byte in self.0 {
-            let _ = write!(out, "{byte:02x}");
-        }
-        out
+        hex::encode(self.0)
+    }
+
+    /// The fingerprint of 64 hex digits, as [`to_hex`](Self::to_hex) writes them; `None`
+    /// for anything else.
+    ///
+    /// ```
+    /// use tower_refresh_coalesce::Fingerprint;
+    ///
+    /// let fp = Fingerprint::of(b"k");
+    /// assert_eq!(Fingerprint::from_hex(&fp.to_hex()), Some(fp));
+    /// assert_eq!(Fingerprint::from_hex("not hex"), None);
+    /// ```
+    pub fn from_hex(digits: &str) -> Option<Self> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(digits, &mut bytes).ok()?;
+        Some(Self(bytes))
     }
 }
 
@@ -169,6 +180,7 @@ impl Fingerprinter {
     /// The key of a refresh token presented by `party`: everything else the inner service
     /// authenticates (client id, client credential, sender constraint, integrator binding),
     /// as length-prefixed parts.
+    #[cfg(feature = "http")]
     pub(crate) fn token_key(&self, token: &str, party: &[&[u8]]) -> Fingerprint {
         self.keyed_parts("refresh-token", token.as_bytes(), party)
     }
@@ -179,6 +191,7 @@ impl Fingerprinter {
         self.keyed_parts("subject-key", subject.as_bytes(), party)
     }
 
+    #[cfg(feature = "http")]
     fn keyed_parts(&self, domain: &str, head: &[u8], party: &[&[u8]]) -> Fingerprint {
         let mut mac = self.mac.clone();
         update_prefixed(&mut mac, domain.as_bytes());

@@ -5,13 +5,16 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower_layer::Layer;
 
 use crate::{
+    core::Core,
     error::BuildError,
     flight::{Limits, Table},
     handle::Handle,
     key::Fingerprinter,
+    leader::{Breaker, Remote},
+    metrics::Counters,
     service::RefreshCoalesce,
     share::CloneResponse,
-    store::{Breaker, Invalidation, Remote, Store},
+    store::{Invalidation, Store},
 };
 
 /// Applies [`RefreshCoalesce`] to a service: concurrent requests with the same key become one
@@ -55,25 +58,6 @@ use crate::{
 /// ```
 pub struct RefreshCoalesceLayer<X, P = CloneResponse> {
     core: Arc<Core<X, P>>,
-}
-
-/// Everything the services of one layer share.
-pub(crate) struct Core<X, P> {
-    pub(crate) extract: X,
-    pub(crate) share: P,
-    pub(crate) table: Arc<Table>,
-    pub(crate) wait_timeout: Duration,
-    pub(crate) hard_cap: Duration,
-    /// The fingerprint keys of the HTTP front, for invalidation by token or subject.
-    pub(crate) keys: Option<Fingerprinter>,
-    /// The store shared with other instances, if any.
-    pub(crate) remote: Option<Arc<Remote>>,
-}
-
-impl<X, P> Core<X, P> {
-    pub(crate) fn handle(&self) -> Handle {
-        Handle::new(self.table.clone(), self.keys.clone(), self.remote.clone())
-    }
 }
 
 impl<X> RefreshCoalesceLayer<X> {
@@ -152,16 +136,6 @@ impl<X, P> fmt::Debug for RefreshCoalesceLayer<X, P> {
         f.debug_struct("RefreshCoalesceLayer")
             .field("core", &self.core)
             .finish()
-    }
-}
-
-impl<X, P> fmt::Debug for Core<X, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Core")
-            .field("table", &self.table)
-            .field("wait_timeout", &self.wait_timeout)
-            .field("hard_cap", &self.hard_cap)
-            .finish_non_exhaustive()
     }
 }
 
@@ -344,6 +318,7 @@ impl<X, P> Builder<X, P> {
                 extract: self.extract,
                 share: self.share,
                 table,
+                counters: Arc::new(Counters::default()),
                 wait_timeout: self.wait_timeout,
                 hard_cap: self.hard_cap,
                 keys: self.keys,

@@ -276,10 +276,12 @@ pub mod store;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod token;
 
+mod core;
 mod flight;
 mod handle;
 mod key;
 mod layer;
+mod leader;
 mod metrics;
 mod service;
 mod share;

@@ -11,6 +11,10 @@ use std::sync::atomic::{
     Ordering::{Acquire, Relaxed, Release},
 };
 
+/// The `metrics` name of the requests counter, by outcome.
+#[cfg(feature = "metrics")]
+const REQUESTS: &str = "refresh_coalesce_requests_total";
+
 /// How a request ended, one counter each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -151,8 +155,7 @@ impl Counters {
     pub(crate) fn record(&self, outcome: Outcome) {
         self.outcomes[outcome as usize].fetch_add(1, Release);
         #[cfg(feature = "metrics")]
-        metrics::counter!("refresh_coalesce_requests_total", "outcome" => outcome.as_str())
-            .increment(1);
+        metrics::counter!(REQUESTS, "outcome" => outcome.as_str()).increment(1);
     }
 
     pub(crate) fn reuse_suspected(&self) {
@@ -161,12 +164,18 @@ impl Counters {
         metrics::counter!("refresh_coalesce_reuse_suspected_total").increment(1);
     }
 
-    pub(crate) fn snapshot(&self, in_flight: u64, entries: u64, breaker_open: bool) -> Stats {
+    /// The counters with the table's `gauges` and the breaker's state.
+    pub(crate) fn snapshot(&self, gauges: TableGauges, breaker_open: bool) -> Stats {
         let get = |o: Outcome| self.outcomes[o as usize].load(Acquire);
+        let TableGauges {
+            in_flight,
+            entries,
+            replayed,
+        } = gauges;
         Stats {
             leader: get(Outcome::Leader),
             joined: get(Outcome::Joined),
-            replayed: get(Outcome::Replayed),
+            replayed: get(Outcome::Replayed) + replayed,
             rejected: get(Outcome::Rejected),
             timed_out: get(Outcome::TimedOut),
             overloaded: get(Outcome::Overloaded),
@@ -182,6 +191,36 @@ impl Counters {
             breaker_opened: self.store.breaker_opened.load(Relaxed),
             breaker_open: u64::from(breaker_open),
         }
+    }
+}
+
+/// What the table reports of itself for a [`Stats`] snapshot.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TableGauges {
+    /// Inner calls running now.
+    pub(crate) in_flight: u64,
+    /// Live entries now.
+    pub(crate) entries: u64,
+    /// Replays answered on the table's fast path ([`ReplayCount`]).
+    pub(crate) replayed: u64,
+}
+
+/// The count of replays the table answers under a shard lock, one per shard: the hot path
+/// counts in the cache line that the lock already brought in, rather than in one counter
+/// every core contends for. [`Counters::snapshot`] adds them to the outcome `replayed`.
+#[derive(Debug, Default)]
+pub(crate) struct ReplayCount(AtomicU64);
+
+impl ReplayCount {
+    /// Counts one replay, and reports it as the outcome `replayed`.
+    pub(crate) fn count(&self) {
+        self.0.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(REQUESTS, "outcome" => Outcome::Replayed.as_str()).increment(1);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Relaxed)
     }
 }
 

@@ -9,8 +9,11 @@ use std::{
 use tower_service::Service;
 
 use crate::{
-    future::ResponseFuture, handle::Handle, key::Extract, layer::Core, share::CloneResponse,
-    share::Share,
+    core::Core,
+    future::ResponseFuture,
+    handle::Handle,
+    key::Extract,
+    share::{CloneResponse, Share},
 };
 
 /// Coalesces concurrent requests with the same key into one call of the inner service.

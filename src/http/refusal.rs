@@ -199,7 +199,7 @@ impl Refusal {
 }
 
 #[cfg(test)]
-mod refusal_tests {
+mod tests {
     use super::*;
 
     fn refusal(rejection: Rejection) -> Refusal {

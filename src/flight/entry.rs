@@ -1,0 +1,75 @@
+//! What a table slot holds: a running flight or a live replay, and the rarely used parts out
+//! of line.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{FlightFuture, Value};
+use crate::{
+    key::{Admission, Fingerprint},
+    sync::{self, AtomicUsize},
+};
+
+pub(super) struct Entry {
+    pub(super) id: u64,
+    pub(super) state: State,
+    /// What only the HTTP front sets, out of line so that a table slot stays small.
+    pub(super) cold: Option<Box<Cold>>,
+}
+
+pub(super) struct Cold {
+    pub(super) group: Option<Fingerprint>,
+    /// A second name of the entry that `invalidate_group` matches (the HTTP front's token
+    /// tag, shared by every party presenting one token); not counted.
+    pub(super) tag: Option<Fingerprint>,
+    /// Whole seconds since the Unix epoch, rounded down (refusing up to a second early,
+    /// never late); 0 for none.
+    pub(super) not_after: u64,
+}
+
+impl Cold {
+    pub(super) fn new(admission: &Admission) -> Option<Box<Self>> {
+        let not_after = admission.expires().map_or(0, |at| {
+            let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+            since.as_secs().max(1)
+        });
+        let group = admission.group_key().copied();
+        let tag = admission.tag_key().copied();
+        (group.is_some() || tag.is_some() || not_after != 0).then(|| {
+            Box::new(Self {
+                group,
+                tag,
+                not_after,
+            })
+        })
+    }
+}
+
+impl Entry {
+    /// Whether `invalidate_group(group)` reaches this entry: by its group or its tag.
+    pub(super) fn named(&self, group: &Fingerprint) -> bool {
+        self.cold.as_ref().is_some_and(|cold| {
+            cold.group.as_ref() == Some(group) || cold.tag.as_ref() == Some(group)
+        })
+    }
+
+    pub(super) fn not_after(&self) -> Option<SystemTime> {
+        let secs = self.cold.as_ref().map_or(0, |cold| cold.not_after);
+        (secs != 0).then(|| UNIX_EPOCH + Duration::from_secs(secs))
+    }
+}
+
+pub(super) enum State {
+    /// Boxed: a flight lasts one inner call, a replay the whole TTL.
+    Flight(Box<Running>),
+    Replay {
+        value: Value,
+        /// Nanoseconds since the table's epoch.
+        expires: u64,
+        replays: u32,
+    },
+}
+
+pub(super) struct Running {
+    pub(super) future: FlightFuture,
+    pub(super) waiters: sync::Arc<AtomicUsize>,
+}

@@ -1,0 +1,257 @@
+//! The flight task: one inner call per key per process, and its side of the protocol
+//! with other instances (the store, its breaker), as tower's `buffer/worker.rs` is the
+//! buffer's task.
+//!
+//! [`spawn`] starts the task under the table's shard lock; the task runs [`run`] under the
+//! hard cap, lets the share policy store the result, and finishes its table entry (replay or
+//! removal) before its join handle resolves. With a store, [`Remote`] elects one leader
+//! across instances: a follower waits for the leader's result and never calls the inner
+//! service.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures_util::FutureExt;
+use tokio::time::Instant;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::{
+    core::Core,
+    error::{Failure, LeaderFailed},
+    flight::{FlightFuture, FlightGuard, FlightResult, Value},
+    key::{Admission, Fingerprint},
+    metrics::StoreCounters,
+    share::Share,
+    store::Keep,
+};
+
+mod breaker;
+mod remote;
+
+pub(crate) use self::{
+    breaker::Breaker,
+    remote::{Finished, Followed, Plan, Remote},
+};
+
+/// What the flight task needs to know of its key.
+#[derive(Clone, Copy)]
+pub(crate) struct Flight {
+    key: Fingerprint,
+    seal: [u8; 32],
+    group: Option<Fingerprint>,
+    /// The entry's second name (the HTTP front's token tag), remembered in the store.
+    tag: Option<Fingerprint>,
+    /// When the presented token expires: no replay of its flight outlives it.
+    expires: Option<SystemTime>,
+}
+
+impl Flight {
+    /// The flight of `key`, as its leader was admitted.
+    pub(crate) fn new(key: Fingerprint, admission: &Admission) -> Self {
+        Self {
+            key,
+            // Without a token-derived secret, values are sealed by the store's own.
+            seal: admission.seal_key().copied().unwrap_or(*key.as_bytes()),
+            group: admission.group_key().copied(),
+            tag: admission.tag_key().copied(),
+            expires: admission.expires(),
+        }
+    }
+}
+
+/// Spawns the inner call of flight `id` and returns the future its callers share.
+///
+/// Called under the table's shard lock: it only spawns. The task runs the flight (asking
+/// the store first, if there is one), lets the share policy store the result, and finishes
+/// the entry (replay or removal) before its join handle resolves, all under the hard cap.
+/// Its [`FlightGuard`] removes the entry if it panics or is cancelled.
+pub(crate) fn spawn<X, P, S, R>(
+    core: &Arc<Core<X, P>>,
+    inner: S,
+    request: R,
+    flight: Flight,
+    id: u64,
+) -> FlightFuture
+where
+    X: Send + Sync + 'static,
+    S: Service<R> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+    P: Share<S::Response, S::Error>,
+{
+    let core = core.clone();
+    let span = tracing::debug_span!("refresh_coalesce_flight", flight = id);
+    let task = async move {
+        let guard = FlightGuard::new(core.table.clone(), flight.key, id);
+        let run = run(&core, inner, request, flight);
+        match tokio::time::timeout(core.hard_cap, run).await {
+            Ok(Ok((value, replay))) => {
+                let value: Value = Arc::new(value);
+                // An invalidation removed the entry while the flight ran (here, or on another
+                // instance through the store's listener): the result is revoked for every
+                // caller, not only for the next request.
+                if guard.complete(&value, replay) {
+                    Ok(value)
+                } else {
+                    Err(LeaderFailed::new(Failure::Revoked))
+                }
+            }
+            Ok(Err(failure)) => Err(LeaderFailed::new(failure)),
+            Err(_) => {
+                tracing::warn!(
+                    flight = id,
+                    "inner call exceeded the hard cap and was aborted"
+                );
+                Err(LeaderFailed::new(Failure::HardCap))
+            }
+        }
+    };
+    let handle = tokio::spawn(task.instrument(span));
+    let future: Pin<Box<dyn Future<Output = FlightResult> + Send>> =
+        Box::pin(handle.map(join_result));
+    future.shared()
+}
+
+/// The body of a flight: its value, and how long to replay it (`None`: not at all).
+///
+/// Without a store, the inner service is called. With one: a result another instance
+/// stored answers the flight; otherwise the election decides whether this flight calls the
+/// inner service (and stores the result) or waits for the instance that does. A flight
+/// invalidated while it ran (its generations moved in the store) fails with
+/// [`Failure::Revoked`]. No replay outlives the presented token's own expiry.
+async fn run<X, P, S, R>(
+    core: &Core<X, P>,
+    inner: S,
+    request: R,
+    flight: Flight,
+) -> Result<(P::Value, Option<Duration>), Failure>
+where
+    S: Service<R>,
+    P: Share<S::Response, S::Error>,
+{
+    let Flight {
+        key,
+        seal,
+        group,
+        tag,
+        expires,
+    } = flight;
+    let life = |ttl: Duration| match expires {
+        Some(at) => ttl.min(at.duration_since(SystemTime::now()).unwrap_or_default()),
+        None => ttl,
+    };
+    let replay_for = |value: &P::Value, ttl: Duration| {
+        let ttl = life(ttl);
+        (core.share.is_replayable(value) && !ttl.is_zero()).then_some(ttl)
+    };
+    let ttl = core.table.ttl();
+    let Some(remote) = &core.remote else {
+        let value = call(core, inner, request).await;
+        let replay = replay_for(&value, ttl);
+        return Ok((value, replay));
+    };
+    let counters = &core.counters.store;
+    if let Some(stored) = remote.load(&key, &seal, group.as_ref(), counters).await
+        && let Some(value) = core.share.decode(&stored.value)
+    {
+        StoreCounters::add(&counters.replayed, "replayed");
+        let replay = replay_for(&value, stored.ttl.min(ttl));
+        return Ok((value, replay));
+    }
+    let generation_life = remote.generation_life(ttl);
+    match remote
+        .elect(
+            &key,
+            group.as_ref(),
+            tag.as_ref(),
+            generation_life,
+            counters,
+        )
+        .await
+    {
+        Plan::Local => {
+            let value = call(core, inner, request).await;
+            let replay = replay_for(&value, ttl);
+            Ok((value, replay))
+        }
+        Plan::Follow(leader, started) => {
+            // A little longer than the callers wait, so that they get their own timeout.
+            let deadline = Instant::now() + core.wait_timeout + Duration::from_millis(500);
+            let stored = match remote
+                .follow(&key, &leader, &seal, &started, deadline, counters)
+                .await
+            {
+                Followed::Arrived(stored) => stored,
+                Followed::Revoked => return Err(Failure::Revoked),
+                Followed::Elapsed => return Err(Failure::RemoteTimeout),
+            };
+            let value = core
+                .share
+                .decode(&stored.value)
+                .ok_or(Failure::Incompatible)?;
+            let replay = if stored.replay {
+                replay_for(&value, stored.ttl.min(ttl))
+            } else {
+                None
+            };
+            Ok((value, replay))
+        }
+        Plan::Lead(fence, started) => {
+            let value = call(core, inner, request).await;
+            let replay = replay_for(&value, ttl);
+            let keep = match replay {
+                Some(ttl) => Keep::Replay { ttl },
+                // Not a replay, but the followers of this flight must still receive it.
+                None => Keep::Flight {
+                    ttl: core.wait_timeout + Duration::from_secs(1),
+                },
+            };
+            let encoded = core.share.encode(&value).map(|bytes| (bytes, keep));
+            let finished = remote
+                .finish(&key, &fence, &seal, encoded, started.as_ref(), counters)
+                .await;
+            match finished {
+                Finished::Own => Ok((value, replay)),
+                Finished::Revoked => Err(Failure::Revoked),
+                // A late leader: another result was stored first. Every caller everywhere
+                // gets that one, so all of them see the same tokens.
+                Finished::Existing(winner) => match core.share.decode(&winner.value) {
+                    Some(stored) => {
+                        tracing::warn!(
+                            "a result was stored before this flight's: answering with it"
+                        );
+                        let replay = replay_for(&stored, winner.ttl.min(ttl));
+                        Ok((stored, replay))
+                    }
+                    None => Ok((value, replay)),
+                },
+            }
+        }
+    }
+}
+
+/// Calls the inner service and lets the share policy store the result.
+async fn call<X, P, S, R>(core: &Core<X, P>, mut inner: S, request: R) -> P::Value
+where
+    S: Service<R>,
+    P: Share<S::Response, S::Error>,
+{
+    let result = inner.call(request).await;
+    core.share.share(result).await
+}
+
+/// Maps the leader task's join result to a flight result.
+fn join_result(result: Result<FlightResult, tokio::task::JoinError>) -> FlightResult {
+    match result {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => Err(LeaderFailed::new(Failure::Panicked)),
+        Err(_) => Err(LeaderFailed::new(Failure::Cancelled)),
+    }
+}

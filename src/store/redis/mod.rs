@@ -1,0 +1,339 @@
+//! [`RedisStore`]: the coordination protocol on Redis.
+//!
+//! Keys, all with the fingerprint as a hash tag so that one key's lock, result, generation
+//! and channel map to one cluster slot (every script touches one slot only), and all with a
+//! TTL:
+//!
+//! | name | value | life |
+//! |---|---|---|
+//! | `{prefix}:{fp}:lock` | the leader's random fence | the lease (longer than the hard cap) |
+//! | `{prefix}:{fp}:res` | the sealed replay | the replay TTL |
+//! | `{prefix}:{fp}:out:{fence}` | the sealed outcome of one flight (not a replay), or `revoked` if its result was revoked | the wait timeout (`revoked`: the replay TTL) |
+//! | `{prefix}:{fp}:gen` | the key's generation (`INCR` by each invalidation) | at least the replay TTL + lease + 5 s from the invalidation; kept at least the lease by each election and the replay TTL by each stored replay |
+//! | `{prefix}:{group}:members` | fingerprints of a group's replays | the replay TTL |
+//! | `{prefix}:{group}:gen` | the group's generation (`INCR` by each group invalidation) | as the key's; kept that long by each flight that reads it |
+//!
+//! A missing generation is 0. An invalidation of a key bumps `gen` and deletes `res` in one
+//! script; the election reads `gen` in the script that takes the lock, and the completion
+//! stores only if it is unchanged (else it leaves `revoked` in `out`, releases the lock and
+//! announces it). A group's keys live in other slots than the group, so its generation is
+//! read with a separate command: at the start of the flight, again after a replay is stored
+//! and added to `members` (withdrawing it if the group moved), and after every value read.
+//! Sealed values bind their absolute expiry and both generations (see `seal.rs`), and are
+//! refused once either generation moved or the expiry passed, whatever Redis still holds.
+//!
+//! Completion is announced on `{prefix}:{fp}:done` (the message is the fence and the kind,
+//! never a token; an invalidation of the key announces itself there too, so that followers
+//! learn at once), invalidations on `{prefix}:invalidate`. Each instance holds **one**
+//! pub/sub connection, pattern-subscribed to every completion channel, and dispatches
+//! messages to its local waiters; waiters also poll, so a lost message costs at most one
+//! poll interval.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use redis::{
+    AsyncCommands, Client,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use tokio::sync::Notify;
+
+use self::{connection::Connection, names::Names, scripts::Scripts};
+use super::{Fence, Generations, Listener, StoreError, Stored, seal::Sealer};
+use crate::key::Fingerprint;
+
+mod connection;
+mod names;
+mod protocol;
+mod pubsub;
+mod scripts;
+
+const KIND_REPLAY: u8 = 1;
+const KIND_FLIGHT: u8 = 0;
+
+/// Builds a [`RedisStore`]; start with [`RedisStore::builder`].
+pub struct RedisStoreBuilder {
+    client: Client,
+    secret: Vec<u8>,
+    prefix: String,
+    command_timeout: Duration,
+    poll_interval: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key and channel. Default: `rc`.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The budget of each Redis command; a command that takes longer counts as a failure.
+    /// Default: 100 ms.
+    #[must_use]
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// How often a waiting flight polls for the leader's result, besides being woken by
+    /// pub/sub. Default: 250 ms.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Builds the store. It does not wait for Redis: connections are made in the background
+    /// and the layer starts even when Redis is down. Must be called inside a Tokio runtime.
+    ///
+    /// A secret shorter than [`MIN_SECRET_LEN`](crate::MIN_SECRET_LEN) (32) bytes is refused.
+    pub fn build(self) -> Result<RedisStore, StoreError> {
+        crate::key::check_secret(&self.secret).map_err(StoreError::new)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.command_timeout))
+            .set_connection_timeout(Some(self.command_timeout.max(Duration::from_millis(250))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map(Connection)
+            .map_err(StoreError::new)?;
+        let inner = Arc::new(Inner {
+            client: self.client,
+            connection,
+            sealer: Sealer::new(&self.secret),
+            names: Names {
+                prefix: self.prefix,
+            },
+            command_timeout: self.command_timeout,
+            poll_interval: self.poll_interval,
+            waiters: Mutex::new(HashMap::new()),
+            subscribed: AtomicBool::new(false),
+            listeners: Mutex::new(Vec::new()),
+            scripts: Scripts::new(),
+        });
+        tokio::spawn(pubsub::subscribe_loop(Arc::downgrade(&inner)));
+        Ok(RedisStore { inner })
+    }
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Store`] on Redis (standalone, or a cluster through the hash-tagged key names).
+///
+/// Every instance of a deployment must use the same Redis, prefix and `secret`. The secret
+/// keys the encryption of stored values, together with a per-token key from the layer, so a
+/// Redis dump reveals no token.
+///
+/// ```no_run
+/// use tower_refresh_coalesce::store::RedisStore;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+/// let store = RedisStore::builder(client, b"a deployment secret of 32 bytes!").build()?;
+/// # let _ = store;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    connection: Connection,
+    sealer: Sealer,
+    names: Names,
+    command_timeout: Duration,
+    poll_interval: Duration,
+    /// Local waiters by key: the pub/sub task wakes them.
+    waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
+    subscribed: AtomicBool,
+    listeners: Mutex<Vec<Listener>>,
+    scripts: Scripts,
+}
+
+/// A value as a script read it, with the generations to check it against.
+struct Read {
+    value: Vec<u8>,
+    pttl: i64,
+    key_generation: u64,
+    group_generation: Option<u64>,
+}
+
+/// What a read value turned out to be.
+enum Opened {
+    Live(Stored),
+    Revoked,
+    Nothing,
+}
+
+/// Milliseconds since the Unix epoch, the clock of sealed expiries.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl RedisStore {
+    /// A builder for a store on `client`'s Redis, sealing values with `secret`.
+    pub fn builder(client: Client, secret: impl AsRef<[u8]>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            client,
+            secret: secret.as_ref().to_vec(),
+            prefix: "rc".to_owned(),
+            command_timeout: Duration::from_millis(100),
+            poll_interval: Duration::from_millis(250),
+        }
+    }
+
+    /// Whether the pub/sub connection is subscribed now (waiters poll either way).
+    pub fn is_subscribed(&self) -> bool {
+        self.inner.subscribed.load(Ordering::Acquire)
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.names.prefix)
+            .field("subscribed", &self.is_subscribed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// Runs one command under the command budget.
+    async fn run<T>(
+        &self,
+        command: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.command_timeout, command).await {
+            Ok(result) => result.map_err(StoreError::new),
+            Err(_) => Err(StoreError::timeout(self.command_timeout)),
+        }
+    }
+
+    /// A sealed value read with `pttl` left, if it opens with `seal` and is live; revoked
+    /// if it was stored under another generation than the key's current one or (when
+    /// given) the group's.
+    fn open(&self, key: &Fingerprint, seal: &[u8; 32], kind: u8, read: Read) -> Opened {
+        let Some((bound, value)) = self.sealer.open(key, seal, kind, &read.value) else {
+            return Opened::Nothing;
+        };
+        let now = unix_ms();
+        if bound.expires_ms <= now {
+            return Opened::Nothing;
+        }
+        if bound.key_generation != read.key_generation
+            || read
+                .group_generation
+                .is_some_and(|current| bound.group_generation != current)
+        {
+            return Opened::Revoked;
+        }
+        let ttl = (read.pttl.max(0) as u64).min(bound.expires_ms - now);
+        Opened::Live(Stored {
+            value,
+            ttl: Duration::from_millis(ttl),
+            replay: kind == KIND_REPLAY,
+        })
+    }
+
+    /// The current generation of `group` (a plain read: the group lives in another slot
+    /// than the key whose value it checks).
+    async fn current_group_generation(&self, group: &Fingerprint) -> Result<u64, StoreError> {
+        let mut connection = self.connection.clone();
+        let generation: Option<u64> = self
+            .run(connection.get(self.names.key(group, "gen")))
+            .await?;
+        Ok(generation.unwrap_or(0))
+    }
+
+    /// The current generation of the group in `started`, if it has one.
+    async fn group_generation_of(&self, started: &Generations) -> Result<Option<u64>, StoreError> {
+        match &started.group {
+            Some((group, _)) => self.current_group_generation(group).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes the replay `sealed` of `key` if it is still stored, and leaves the followers
+    /// of `fence` the revoked mark.
+    async fn withdraw(
+        &self,
+        key: &Fingerprint,
+        fence: &Fence,
+        sealed: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        self.run(
+            self.scripts
+                .withdraw
+                .key(self.names.key(key, "res"))
+                .key(self.names.outcome(key, fence))
+                .key(self.names.key(key, "lock"))
+                .arg(sealed)
+                .arg(ttl.as_millis().max(1) as u64)
+                .arg(self.names.key(key, "done"))
+                .arg(fence.as_str())
+                .invoke_async::<i64>(&mut connection),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Bumps the generation of `key` and deletes its replay in one step, waking its
+    /// followers; `announce`: tells every instance too (a group invalidation announces the
+    /// group instead, once).
+    async fn invalidate_key(
+        &self,
+        key: &Fingerprint,
+        life: Duration,
+        announce: bool,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let (channel, message) = if announce {
+            (
+                self.names.invalidate_channel(),
+                format!("key {}", key.to_hex()),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        self.run(
+            self.scripts
+                .invalidate
+                .key(self.names.key(key, "gen"))
+                .key(self.names.key(key, "res"))
+                .arg(life.as_millis().max(1) as u64)
+                .arg(self.names.key(key, "done"))
+                .arg(channel)
+                .arg(message)
+                .invoke_async::<i64>(&mut connection),
+        )
+        .await?;
+        Ok(())
+    }
+}
