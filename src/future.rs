@@ -20,7 +20,7 @@ use crate::{
     error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded, Rejected, Rejection},
     flight::{Found, Lead, Lookup, Refused, Value, Waiter},
     key::{Extract, Extracted, Fingerprint},
-    leader::{self, Flight},
+    leader::{self, Flight, Flights},
     metrics::Outcome,
     share::{Served, Share},
 };
@@ -101,7 +101,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let core = &**this.core;
+        let flights = &*this.core.flights;
         loop {
             match this.state.as_mut().project() {
                 StateProj::Extracting { future } => {
@@ -122,12 +122,12 @@ where
                     }
                     match step {
                         Step::Wait(waiter, served) => this.state.set(State::Waiting {
-                            deadline: sleep(core.wait_timeout),
+                            deadline: sleep(flights.wait_timeout),
                             waiter,
                             served,
                         }),
                         Step::Pass(request) => {
-                            core.counters.record(Outcome::Bypassed);
+                            flights.counters.record(Outcome::Bypassed);
                             let mut inner = this.inner.take().expect("service taken once");
                             this.state.set(State::Calling {
                                 future: inner.call(request),
@@ -139,14 +139,14 @@ where
                         }
                         Step::Answer(value, served) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(answer::<S::Response, S::Error, X, P>(
-                                core, &value, served,
+                            return Poll::Ready(answer::<S::Response, S::Error, P>(
+                                flights, &value, served,
                             ));
                         }
                         Step::Refuse(error, outcome) => {
                             this.state.set(State::Done);
-                            core.counters.record(outcome);
-                            return Poll::Ready(core.share.reject(error));
+                            flights.counters.record(outcome);
+                            return Poll::Ready(flights.share.reject(error));
                         }
                     }
                 }
@@ -158,34 +158,38 @@ where
                     if let Poll::Ready(result) = waiter.future.poll_unpin(cx) {
                         let served = *served;
                         #[cfg(feature = "metrics")]
-                        crate::metrics::record_wait(deadline.deadline(), core.wait_timeout);
+                        crate::metrics::record_wait(deadline.deadline(), flights.wait_timeout);
                         this.state.set(State::Done);
                         return Poll::Ready(match result {
                             Ok(value) => {
-                                answer::<S::Response, S::Error, X, P>(core, &value, served)
+                                answer::<S::Response, S::Error, P>(flights, &value, served)
                             }
                             Err(failed) => {
-                                core.counters.record(
+                                flights.counters.record(
                                     if failed.failure() == Failure::RemoteTimeout {
                                         Outcome::TimedOut
                                     } else {
                                         Outcome::LeaderFailed
                                     },
                                 );
-                                core.share.reject(failed.into())
+                                flights.share.reject(failed.into())
                             }
                         });
                     }
                     ready!(deadline.poll(cx));
                     // The flight goes on without this caller; its result will be replayed.
                     this.state.set(State::Done);
-                    core.counters.record(Outcome::TimedOut);
-                    return Poll::Ready(core.share.reject(Elapsed::new(core.wait_timeout).into()));
+                    flights.counters.record(Outcome::TimedOut);
+                    return Poll::Ready(
+                        flights
+                            .share
+                            .reject(Elapsed::new(flights.wait_timeout).into()),
+                    );
                 }
                 StateProj::Calling { future } => {
                     let result = ready!(future.poll(cx));
                     this.state.set(State::Done);
-                    return Poll::Ready(core.share.pass(result));
+                    return Poll::Ready(flights.share.pass(result));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -209,9 +213,10 @@ where
     S::Error: Send + 'static,
     P: Share<S::Response, S::Error>,
 {
+    let flights = &*core.flights;
     let replayed =
-        |value: &Value| answer::<S::Response, S::Error, X, P>(core, value, Served::Replayed);
-    let found = match core.table.find_answer(&key, replayed) {
+        |value: &Value| answer::<S::Response, S::Error, P>(flights, value, Served::Replayed);
+    let found = match flights.table.find_answer(&key, replayed) {
         Ok(Lookup::Answered(result)) => return Step::Answered(result),
         Ok(Lookup::Found(Found::Vacant)) => {
             let admission = match core.extract.admit(token, &mut request) {
@@ -220,19 +225,19 @@ where
             };
             let inner = inner.take().expect("service taken once");
             let flight = Flight::new(key, &admission);
-            let started = core.table.lead(key, admission, |id| {
-                leader::spawn(core, inner, request, flight, id)
+            let started = flights.table.lead(key, admission, |id| {
+                leader::spawn(&core.flights, inner, request, flight, id)
             });
             match started {
                 Ok((Lead::Started(waiter), reuse)) => {
                     if reuse {
-                        core.counters.reuse_suspected();
+                        flights.counters.reuse_suspected();
                         tracing::warn!(
                             flight = waiter.id,
                             "reuse suspected: another token of this subject has a live entry"
                         );
                     }
-                    core.counters.record(Outcome::Leader);
+                    flights.counters.record(Outcome::Leader);
                     return Step::Wait(waiter, Served::Leader);
                 }
                 Ok((Lead::Found(found), _)) => Ok(found),
@@ -244,11 +249,11 @@ where
     };
     match found {
         Ok(Found::Replay(value)) => {
-            core.counters.record(Outcome::Replayed);
+            flights.counters.record(Outcome::Replayed);
             Step::Answer(value, Served::Replayed)
         }
         Ok(Found::Join(waiter)) => {
-            core.counters.record(Outcome::Joined);
+            flights.counters.record(Outcome::Joined);
             tracing::debug!(flight = waiter.id, "joined flight");
             Step::Wait(waiter, Served::Joined)
         }
@@ -264,8 +269,8 @@ where
 }
 
 /// Builds one caller's response from a flight's value.
-fn answer<R, E, X, P>(
-    core: &Core<X, P>,
+fn answer<R, E, P>(
+    flights: &Flights<P>,
     value: &Arc<dyn Any + Send + Sync>,
     served: Served,
 ) -> Result<P::Response, P::Error>
@@ -273,10 +278,11 @@ where
     P: Share<R, E>,
 {
     match value.downcast_ref::<P::Value>() {
-        Some(value) => core.share.respond(value, served),
+        Some(value) => flights.share.respond(value, served),
         None => {
-            core.counters.record(Outcome::LeaderFailed);
-            core.share
+            flights.counters.record(Outcome::LeaderFailed);
+            flights
+                .share
                 .reject(LeaderFailed::new(Failure::Incompatible).into())
         }
     }

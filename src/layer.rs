@@ -10,7 +10,7 @@ use crate::{
     flight::{Limits, Table},
     handle::Handle,
     key::Fingerprinter,
-    leader::{Breaker, Remote},
+    leader::{Breaker, Flights, Remote},
     metrics::Counters,
     service::RefreshCoalesce,
     share::CloneResponse,
@@ -316,13 +316,15 @@ impl<X, P> Builder<X, P> {
         Ok(RefreshCoalesceLayer {
             core: Arc::new(Core {
                 extract: self.extract,
-                share: self.share,
-                table,
-                counters: Arc::new(Counters::default()),
-                wait_timeout: self.wait_timeout,
-                hard_cap: self.hard_cap,
+                flights: Arc::new(Flights {
+                    share: self.share,
+                    table,
+                    counters: Arc::new(Counters::default()),
+                    remote,
+                    wait_timeout: self.wait_timeout,
+                    hard_cap: self.hard_cap,
+                }),
                 keys: self.keys,
-                remote,
             }),
         })
     }

@@ -85,7 +85,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner
             .poll_ready(cx)
-            .map_err(|error| self.core.share.ready_error(error))
+            .map_err(|error| self.core.flights.share.ready_error(error))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {

@@ -21,17 +21,30 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    core::Core,
     error::{Failure, LeaderFailed},
-    flight::{FlightFuture, FlightGuard, FlightResult, Value},
+    flight::{FlightFuture, FlightGuard, FlightResult, Table, Value},
     key::{Admission, Fingerprint},
-    metrics::StoreCounters,
+    metrics::{Counters, StoreCounters},
     share::Share,
     store::Keep,
 };
 
 mod breaker;
 mod remote;
+
+/// What every flight task of one layer reads: the share policy, the table, the counters,
+/// the store and the timings. The layer's [`Core`](crate::core::Core) holds it in an `Arc`,
+/// which each task clones.
+pub(crate) struct Flights<P> {
+    pub(crate) share: P,
+    pub(crate) table: Arc<Table>,
+    /// Every outcome and store event of the layer, counted once.
+    pub(crate) counters: Arc<Counters>,
+    /// The store shared with other instances, if any.
+    pub(crate) remote: Option<Arc<Remote>>,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) hard_cap: Duration,
+}
 
 pub(crate) use self::{
     breaker::Breaker,
@@ -70,15 +83,14 @@ impl Flight {
 /// the store first, if there is one), lets the share policy store the result, and finishes
 /// the entry (replay or removal) before its join handle resolves, all under the hard cap.
 /// Its [`FlightGuard`] removes the entry if it panics or is cancelled.
-pub(crate) fn spawn<X, P, S, R>(
-    core: &Arc<Core<X, P>>,
+pub(crate) fn spawn<P, S, R>(
+    flights: &Arc<Flights<P>>,
     inner: S,
     request: R,
     flight: Flight,
     id: u64,
 ) -> FlightFuture
 where
-    X: Send + Sync + 'static,
     S: Service<R> + Send + 'static,
     S::Future: Send + 'static,
     S::Response: Send + 'static,
@@ -86,12 +98,12 @@ where
     R: Send + 'static,
     P: Share<S::Response, S::Error>,
 {
-    let core = core.clone();
+    let flights = flights.clone();
     let span = tracing::debug_span!("refresh_coalesce_flight", flight = id);
     let task = async move {
-        let guard = FlightGuard::new(core.table.clone(), flight.key, id);
-        let run = run(&core, inner, request, flight);
-        match tokio::time::timeout(core.hard_cap, run).await {
+        let guard = FlightGuard::new(flights.table.clone(), flight.key, id);
+        let run = run(&flights, inner, request, flight);
+        match tokio::time::timeout(flights.hard_cap, run).await {
             Ok(Ok((value, replay))) => {
                 let value: Value = Arc::new(value);
                 // An invalidation removed the entry while the flight ran (here, or on another
@@ -126,8 +138,8 @@ where
 /// inner service (and stores the result) or waits for the instance that does. A flight
 /// invalidated while it ran (its generations moved in the store) fails with
 /// [`Failure::Revoked`]. No replay outlives the presented token's own expiry.
-async fn run<X, P, S, R>(
-    core: &Core<X, P>,
+async fn run<P, S, R>(
+    flights: &Flights<P>,
     inner: S,
     request: R,
     flight: Flight,
@@ -149,17 +161,17 @@ where
     };
     let replay_for = |value: &P::Value, ttl: Duration| {
         let ttl = life(ttl);
-        (core.share.is_replayable(value) && !ttl.is_zero()).then_some(ttl)
+        (flights.share.is_replayable(value) && !ttl.is_zero()).then_some(ttl)
     };
-    let ttl = core.table.ttl();
-    let Some(remote) = &core.remote else {
-        let value = call(core, inner, request).await;
+    let ttl = flights.table.ttl();
+    let Some(remote) = &flights.remote else {
+        let value = call(flights, inner, request).await;
         let replay = replay_for(&value, ttl);
         return Ok((value, replay));
     };
-    let counters = &core.counters.store;
+    let counters = &flights.counters.store;
     if let Some(stored) = remote.load(&key, &seal, group.as_ref(), counters).await
-        && let Some(value) = core.share.decode(&stored.value)
+        && let Some(value) = flights.share.decode(&stored.value)
     {
         StoreCounters::add(&counters.replayed, "replayed");
         let replay = replay_for(&value, stored.ttl.min(ttl));
@@ -177,13 +189,13 @@ where
         .await
     {
         Plan::Local => {
-            let value = call(core, inner, request).await;
+            let value = call(flights, inner, request).await;
             let replay = replay_for(&value, ttl);
             Ok((value, replay))
         }
         Plan::Follow(leader, started) => {
             // A little longer than the callers wait, so that they get their own timeout.
-            let deadline = Instant::now() + core.wait_timeout + Duration::from_millis(500);
+            let deadline = Instant::now() + flights.wait_timeout + Duration::from_millis(500);
             let stored = match remote
                 .follow(&key, &leader, &seal, &started, deadline, counters)
                 .await
@@ -192,7 +204,7 @@ where
                 Followed::Revoked => return Err(Failure::Revoked),
                 Followed::Elapsed => return Err(Failure::RemoteTimeout),
             };
-            let value = core
+            let value = flights
                 .share
                 .decode(&stored.value)
                 .ok_or(Failure::Incompatible)?;
@@ -204,16 +216,16 @@ where
             Ok((value, replay))
         }
         Plan::Lead(fence, started) => {
-            let value = call(core, inner, request).await;
+            let value = call(flights, inner, request).await;
             let replay = replay_for(&value, ttl);
             let keep = match replay {
                 Some(ttl) => Keep::Replay { ttl },
                 // Not a replay, but the followers of this flight must still receive it.
                 None => Keep::Flight {
-                    ttl: core.wait_timeout + Duration::from_secs(1),
+                    ttl: flights.wait_timeout + Duration::from_secs(1),
                 },
             };
-            let encoded = core.share.encode(&value).map(|bytes| (bytes, keep));
+            let encoded = flights.share.encode(&value).map(|bytes| (bytes, keep));
             let finished = remote
                 .finish(&key, &fence, &seal, encoded, started.as_ref(), counters)
                 .await;
@@ -222,7 +234,7 @@ where
                 Finished::Revoked => Err(Failure::Revoked),
                 // A late leader: another result was stored first. Every caller everywhere
                 // gets that one, so all of them see the same tokens.
-                Finished::Existing(winner) => match core.share.decode(&winner.value) {
+                Finished::Existing(winner) => match flights.share.decode(&winner.value) {
                     Some(stored) => {
                         tracing::warn!(
                             "a result was stored before this flight's: answering with it"
@@ -238,13 +250,13 @@ where
 }
 
 /// Calls the inner service and lets the share policy store the result.
-async fn call<X, P, S, R>(core: &Core<X, P>, mut inner: S, request: R) -> P::Value
+async fn call<P, S, R>(flights: &Flights<P>, mut inner: S, request: R) -> P::Value
 where
     S: Service<R>,
     P: Share<S::Response, S::Error>,
 {
     let result = inner.call(request).await;
-    core.share.share(result).await
+    flights.share.share(result).await
 }
 
 /// Maps the leader task's join result to a flight result.
