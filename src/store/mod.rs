@@ -322,6 +322,16 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> StoreFuture<'a, Election>;
 
+    /// Waits until the election of `key` that this instance just won would survive a
+    /// failover of the store, as far as the store can make it: [`RedisStore`] waits until
+    /// its configured number of replicas acknowledged the lock (`WAIT`, see
+    /// [`RedisStoreBuilder::min_replicas`]). Returns whether they did within the budget; a
+    /// store without replicas answers `true` at once, as this default does.
+    fn replicate<'a>(&'a self, key: &'a Fingerprint) -> StoreFuture<'a, bool> {
+        let _ = key;
+        Box::pin(async { Ok(true) })
+    }
+
     /// Stores the leader's result and wakes the waiters, in one step, if the key's generation
     /// is still `started.key`; a stored replay is also added to its group, and withdrawn
     /// again ([`Completed::Revoked`]) if the group's generation moved meanwhile. A replay is

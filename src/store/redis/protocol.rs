@@ -107,6 +107,17 @@ impl Store for RedisStore {
         })
     }
 
+    fn replicate<'a>(&'a self, key: &'a Fingerprint) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            if inner.min_replicas == 0 {
+                return Ok(true);
+            }
+            let acknowledged = inner.acknowledged(&inner.names.key(key, "lock")).await?;
+            Ok(acknowledged >= inner.min_replicas)
+        })
+    }
+
     fn complete<'a>(
         &'a self,
         key: &'a Fingerprint,
@@ -281,7 +292,11 @@ impl Store for RedisStore {
     }
 
     fn invalidate<'a>(&'a self, key: &'a Fingerprint, life: Duration) -> StoreFuture<'a, ()> {
-        Box::pin(self.inner.invalidate_key(key, life, true))
+        Box::pin(async move {
+            let inner = &*self.inner;
+            inner.invalidate_key(key, life, true).await?;
+            inner.replicated(&[inner.names.key(key, "gen")]).await
+        })
     }
 
     fn invalidate_group<'a>(
@@ -322,6 +337,10 @@ impl Store for RedisStore {
             invalidated
                 .into_iter()
                 .collect::<Result<(), StoreError>>()?;
+            let touched: Vec<String> = std::iter::once(inner.names.key(group, "gen"))
+                .chain(members.iter().map(|member| inner.names.key(member, "gen")))
+                .collect();
+            inner.replicated(&touched).await?;
             let mut pipe = redis::pipe();
             pipe.del(&members_key).ignore();
             pipe.publish(
