@@ -2,14 +2,10 @@
 //! and reuse detection.
 //!
 //! ```text
-//! cargo run --example server -- --help
+//! cargo run -p server -- --help
 //! curl -s localhost:3000/auth/login -H 'content-type: application/json' \
 //!      -d '{"username":"demo","password":"demo"}'
 //! ```
-
-// `pub` so the module's API counts as used and reachable (the extension points are for the
-// coalescing layer); tests include the same file with `#[path = ...] pub mod app;`.
-pub mod app;
 
 use clap::Parser as _;
 use tokio::net::TcpListener;
@@ -17,13 +13,13 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let config = app::Config::parse();
+    let config = server::Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
 
     let addr = config.addr;
-    let app::App { router, state: _ } = app::app(config)?;
+    let server::App { router, state: _ } = server::app(config)?;
     let listener = TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, router)

@@ -1,14 +1,10 @@
-//! Proves the `redis-server` harness in `support/redis.rs` that the Redis tests rely on.
-#![cfg(feature = "redis")]
-
-#[path = "support/redis.rs"]
-mod redis_server;
+//! Proves the `redis-server` harness (`support::redis`) that the Redis tests rely on.
 
 use std::{net::TcpStream, time::Duration};
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis_server::RedisServer;
+use support::redis::RedisServer;
 use tokio::time::timeout;
 
 async fn set(con: &mut MultiplexedConnection, key: &str, value: &str) {

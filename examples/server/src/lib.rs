@@ -1,5 +1,9 @@
-//! The reference deployment's application: an axum router over a SQLite token store with
-//! refresh-token rotation and reuse detection, without the coalescing layer.
+//! The reference deployment of `tower-refresh-coalesce`: an axum token server over a SQLite
+//! token store with refresh-token rotation and reuse detection, and the coalescing layer in
+//! front of its refresh route.
+//!
+//! The crate is a library (the application, [`app`], and the [`harness`] that tests, the
+//! demo and the load tool drive it with) and a binary (`cargo run -p server -- --help`).
 //!
 //! # HTTP contract
 //!
@@ -52,6 +56,7 @@ use prometheus_client::registry::Registry;
 pub mod coalesce;
 mod crypto;
 pub mod handlers;
+pub mod harness;
 pub mod metrics;
 pub mod store;
 pub mod tokens;
