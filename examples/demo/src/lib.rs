@@ -1,11 +1,11 @@
 //! A refresh-token storm against the reference server, without and with the layer.
 //!
 //! ```text
-//! cargo run --release --example demo
-//! cargo run --release --example demo -- --requests 5000 --concurrency 500 --refresh-delay-ms 20
+//! cargo run --release -p demo
+//! cargo run --release -p demo -- --requests 5000 --concurrency 500 --refresh-delay-ms 20
 //! ```
 //!
-//! The demo starts the reference server (`examples/server`) twice in this process, on free
+//! The demo starts the reference server (the `server` crate) twice in this process, on free
 //! ports: once with `--no-coalesce`, once with the coalescing layer. Against each it logs
 //! in as `demo`/`demo`, then sends `--requests` concurrent `POST /auth/refresh`, all with
 //! the same refresh token, as the requests of one client do when its access token expires.
@@ -19,34 +19,20 @@
 //! the same new pair. The counters come from each server's `/metrics`.
 //!
 //! The demo exits with status 1 if the layered run did not rotate exactly once and answer
-//! every request with `200`.
-
-// `pub` so the app's API counts as reachable: a private include would trip the crate's
-// `unreachable_pub` lint (and `dead_code` for the parts the demo does not call). The same
-// holds where `tests/server_e2e.rs` includes this file.
-#[path = "server/app/mod.rs"]
-pub mod app;
+//! every request with `200`. This library is the demo; `src/main.rs` is its command line.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{IsTerminal as _, Write as _};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use clap::Parser as _;
-use http_body_util::{BodyExt as _, Full};
-use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{Value, json};
-use tokio::task::JoinSet;
+use axum::http::StatusCode;
+use server::harness::{self, Client, Counters, Reply, TestServer, TokenForm};
+use tower_refresh_coalesce::Outcome;
 
 /// Any error of the demo's own machinery (not an answer of the server).
-pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Error = harness::Error;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -269,141 +255,6 @@ pub async fn run(options: Options) -> Result<Report, Error> {
 // One run
 // ---------------------------------------------------------------------------------------
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-/// The reference server on a free port of this process, stopped on drop.
-struct Server {
-    base: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Server {
-    async fn start(config: app::Config) -> Result<Self, Error> {
-        // `app` blocks (SQLite, password hashing).
-        let app::App { router, state: _ } =
-            tokio::task::spawn_blocking(move || app::app(config)).await??;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                eprintln!("demo: server stopped: {e}");
-            }
-        });
-        Ok(Self { base, task })
-    }
-}
-
-/// An HTTP/1.1 client that keeps up to `connections` connections open: each request in
-/// flight gets its own (HTTP/2 would multiplex them onto one connection, which the server
-/// caps at 200 concurrent streams).
-fn http_client(connections: usize) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(connections)
-        .build(connector)
-}
-
-/// A response, fully read.
-struct Reply {
-    status: StatusCode,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Option<Value> {
-        serde_json::from_slice(&self.body).ok()
-    }
-}
-
-async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Result<Reply, Error> {
-    let response = client.request(request).await?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(Reply {
-        status: parts.status,
-        body,
-    })
-}
-
-async fn login(client: &HttpClient, base: &str) -> Result<String, Error> {
-    let body = json!({ "username": app::DEMO_USER, "password": app::DEMO_PASSWORD });
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(format!("{base}/auth/login"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::from(body.to_string()))?;
-    let reply = send(client, request).await?;
-    match reply.json() {
-        Some(body) if reply.status == StatusCode::OK => body["refresh_token"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| "login answer without refresh_token".into()),
-        _ => Err(format!(
-            "login failed: {} {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        )
-        .into()),
-    }
-}
-
-/// The four ways a client presents a refresh token, taken in turn by the storm.
-#[derive(Debug, Clone, Copy)]
-enum TokenForm {
-    Json,
-    Form,
-    Cookie,
-    Bearer,
-}
-
-const FORMS: [TokenForm; 4] = [
-    TokenForm::Json,
-    TokenForm::Form,
-    TokenForm::Cookie,
-    TokenForm::Bearer,
-];
-
-fn refresh_request(
-    base: &str,
-    token: &str,
-    form: TokenForm,
-) -> Result<Request<Full<Bytes>>, Error> {
-    let builder = Request::builder()
-        .method(Method::POST)
-        .uri(format!("{base}{}", app::REFRESH_PATH));
-    let request = match form {
-        TokenForm::Json => builder
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::from(json!({ "refresh_token": token }).to_string())),
-        // JWTs are base64url and dots: nothing to escape in a form.
-        TokenForm::Form => builder
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Full::from(format!(
-                "grant_type=refresh_token&refresh_token={token}"
-            ))),
-        TokenForm::Cookie => builder
-            .header(
-                header::COOKIE,
-                HeaderValue::from_str(&format!("{}={token}", app::REFRESH_COOKIE))?,
-            )
-            .body(Full::default()),
-        TokenForm::Bearer => builder
-            .header(
-                header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {token}"))?,
-            )
-            .body(Full::default()),
-    };
-    Ok(request?)
-}
-
 /// How one storm request was answered.
 enum Answer {
     Pair { refresh_token: String },
@@ -416,7 +267,7 @@ fn classify(reply: Result<Reply, Error>) -> Answer {
         Ok(reply) => reply,
         Err(e) => return Answer::Other(format!("transport: {e}")),
     };
-    let body = reply.json();
+    let body = reply.try_json();
     let error = body
         .as_ref()
         .and_then(|b| b["error"].as_str())
@@ -428,7 +279,7 @@ fn classify(reply: Result<Reply, Error>) -> Answer {
     match (reply.status, refresh_token, error) {
         (StatusCode::OK, Some(refresh_token), _) => Answer::Pair { refresh_token },
         (status, _, Some(error))
-            if status == app::INVALID_GRANT_STATUS && error == "invalid_grant" =>
+            if status == server::INVALID_GRANT_STATUS && error == "invalid_grant" =>
         {
             Answer::InvalidGrant
         }
@@ -437,58 +288,22 @@ fn classify(reply: Result<Reply, Error>) -> Answer {
     }
 }
 
-/// The server's counters, read from `/metrics`.
-#[derive(Debug, Clone, Copy, Default)]
-struct Counters {
-    rotations: u64,
-    reuse_detected: u64,
-    layer: LayerCounts,
-}
-
-async fn counters(client: &HttpClient, base: &str) -> Result<Counters, Error> {
-    let request = Request::builder()
-        .uri(format!("{base}/metrics"))
-        .body(Full::default())?;
-    let reply = send(client, request).await?;
-    if reply.status != StatusCode::OK {
-        return Err(format!("GET /metrics answered {}", reply.status).into());
-    }
-    let text = String::from_utf8(reply.body.to_vec())?;
-    let required = |series: &str| {
-        sample(&text, series).ok_or_else(|| format!("no sample `{series}` on /metrics"))
-    };
-    let layer_outcome = |outcome: &str| {
-        sample(
-            &text,
-            &format!("refresh_coalesce_requests_total{{outcome=\"{outcome}\"}}"),
-        )
-    };
-    let refused = ["rejected", "timed_out", "overloaded", "leader_failed"]
+/// The layer's outcomes of `counters`, as the demo reports them.
+fn layer_counts(counters: &Counters) -> LayerCounts {
+    LayerCounts {
+        leader: counters.outcome(Outcome::Leader),
+        joined: counters.outcome(Outcome::Joined),
+        replayed: counters.outcome(Outcome::Replayed),
+        refused: [
+            Outcome::Rejected,
+            Outcome::TimedOut,
+            Outcome::Overloaded,
+            Outcome::LeaderFailed,
+        ]
         .into_iter()
-        .filter_map(layer_outcome)
-        .sum();
-    Ok(Counters {
-        rotations: required("refresh_rotations_total")?,
-        reuse_detected: required("refresh_reuse_detected_total")?,
-        layer: LayerCounts {
-            leader: layer_outcome("leader").unwrap_or(0),
-            joined: layer_outcome("joined").unwrap_or(0),
-            replayed: layer_outcome("replayed").unwrap_or(0),
-            refused,
-        },
-    })
-}
-
-/// The value of the sample `series` (name and labels, exactly as written) in an
-/// OpenMetrics text; counters are whole numbers.
-fn sample(text: &str, series: &str) -> Option<u64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().ok())?
-        })
-        .map(|value| value as u64)
+        .map(|outcome| counters.outcome(outcome))
+        .sum(),
+    }
 }
 
 async fn run_one(options: &Options, no_coalesce: bool) -> Result<Run, Error> {
@@ -497,23 +312,22 @@ async fn run_one(options: &Options, no_coalesce: bool) -> Result<Run, Error> {
     } else {
         "storm with layer"
     };
-    let server = Server::start(app::Config {
-        addr: ([127, 0, 0, 1], 0).into(),
+    let server = TestServer::start(server::Config {
         no_coalesce,
         refresh_delay_ms: options.refresh_delay_ms,
-        ..app::Config::default()
+        ..harness::config()
     })
     .await?;
-    let client = http_client(options.concurrency);
-    let base = server.base.as_str();
-    let token = login(&client, base).await?;
-    let before = counters(&client, base).await?;
+    let client = Client::with_idle_connections(options.concurrency);
+    let base = server.base();
+    let token = client.login_demo(base).await?;
+    let before = client.counters(base).await?;
 
     let started = Instant::now();
     let answers = storm(label, &client, base, &token, options).await?;
     let wall = started.elapsed();
 
-    let after = counters(&client, base).await?;
+    let after = client.counters(base).await?.since(&before);
     let mut latencies = Vec::with_capacity(answers.len());
     let (mut ok, mut invalid_grant) = (0, 0);
     let mut other_kinds = BTreeMap::<String, usize>::new();
@@ -532,26 +346,21 @@ async fn run_one(options: &Options, no_coalesce: bool) -> Result<Run, Error> {
     // After the counters were read: does the session go on with the pair the storm got?
     let session_survives = match refresh_tokens.iter().next() {
         Some(next) => {
-            let request = refresh_request(base, next, TokenForm::Json)?;
-            matches!(classify(send(&client, request).await), Answer::Pair { .. })
+            let request = harness::refresh_request(base, next, TokenForm::Json)?;
+            matches!(classify(client.send(request).await), Answer::Pair { .. })
         }
         None => false,
     };
     latencies.sort_unstable();
-    let layer = (!no_coalesce).then(|| LayerCounts {
-        leader: after.layer.leader - before.layer.leader,
-        joined: after.layer.joined - before.layer.joined,
-        replayed: after.layer.replayed - before.layer.replayed,
-        refused: after.layer.refused - before.layer.refused,
-    });
+    let layer = (!no_coalesce).then(|| layer_counts(&after));
     Ok(Run {
         requests: options.requests,
         ok,
         invalid_grant,
         other: other_kinds.values().sum(),
         other_kinds,
-        rotations: after.rotations - before.rotations,
-        reuse_detected: after.reuse_detected - before.reuse_detected,
+        rotations: after.rotations,
+        reuse_detected: after.reuse_detected,
         distinct_refresh_tokens: refresh_tokens.len(),
         session_survives,
         p50: percentile(&latencies, 0.50),
@@ -575,41 +384,21 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// cycling through the token forms, with a progress line on stderr.
 async fn storm(
     label: &'static str,
-    client: &HttpClient,
+    client: &Client,
     base: &str,
     token: &str,
     options: &Options,
 ) -> Result<Vec<(Answer, Duration)>, Error> {
     let total = options.requests;
-    let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let progress = Progress::start(label, total, Arc::clone(&done));
-    let mut workers = JoinSet::new();
-    for _ in 0..options.concurrency {
-        let (client, next, done) = (client.clone(), Arc::clone(&next), Arc::clone(&done));
-        let (base, token) = (base.to_owned(), token.to_owned());
-        workers.spawn(async move {
-            let mut answers = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    break;
-                }
-                let request = refresh_request(&base, &token, FORMS[i % FORMS.len()])?;
-                let started = Instant::now();
-                let answer = classify(send(&client, request).await);
-                answers.push((answer, started.elapsed()));
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<_, Error>(answers)
-        });
-    }
-    let mut answers = Vec::with_capacity(total);
-    while let Some(worker) = workers.join_next().await {
-        answers.extend(worker??);
-    }
+    let answers =
+        harness::refresh_storm(client, base, token, total, options.concurrency, done).await?;
     progress.finish().await;
-    Ok(answers)
+    Ok(answers
+        .into_iter()
+        .map(|(reply, latency)| (classify(reply), latency))
+        .collect())
 }
 
 /// "storm with layer: 734/1000" on stderr: rewritten in place on a terminal, printed once
@@ -677,57 +466,6 @@ fn warn_if_too_few_descriptors(concurrency: usize) {
                 "demo: warning: {concurrency} connections need about {needed} open files, the \
                  limit is {soft}; expect connection errors (lower --concurrency or raise ulimit -n)"
             );
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Command line
-// ---------------------------------------------------------------------------------------
-
-/// A refresh-token storm against the reference server, without and with the coalescing layer
-#[derive(Debug, clap::Parser)]
-#[command(name = "demo", long_about = None)]
-struct Args {
-    /// Refresh requests per run, all with the same refresh token
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 1000,
-        value_parser = clap::value_parser!(u64).range(1..)
-    )]
-    requests: u64,
-
-    /// Requests in flight at once, one HTTP/1.1 connection each [default: REQUESTS]
-    #[arg(long, value_name = "C", value_parser = clap::value_parser!(u64).range(1..))]
-    concurrency: Option<u64>,
-
-    /// The servers' simulated slow upstream, so that the storm really overlaps
-    #[arg(long, value_name = "MS", default_value_t = 50)]
-    refresh_delay_ms: u64,
-}
-
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> ExitCode {
-    let args = Args::parse();
-    let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-    let options = Options {
-        requests: to_usize(args.requests),
-        concurrency: to_usize(args.concurrency.unwrap_or(args.requests)),
-        refresh_delay_ms: args.refresh_delay_ms,
-    };
-    match run(options).await {
-        Ok(report) => {
-            println!("{report}");
-            if report.layer_kept_its_promise() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("demo: {e}");
-            ExitCode::from(2)
         }
     }
 }
