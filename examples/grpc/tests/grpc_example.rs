@@ -1,5 +1,5 @@
-//! The gRPC example (`examples/grpc.rs`), driven end to end over real sockets, and its
-//! checked-in protobuf code, kept in step with the `.proto`.
+//! The gRPC example, driven end to end over real sockets, and its checked-in protobuf code,
+//! kept in step with the `.proto`.
 
 use std::{
     env, fs,
@@ -10,10 +10,6 @@ use std::{
 
 use tokio::net::TcpListener;
 use tonic::Code;
-
-/// The example, included as a module so that the tests call its server and client.
-#[path = "../examples/grpc.rs"]
-pub mod grpc;
 
 use grpc::{Counter, TokenServer};
 
@@ -44,12 +40,13 @@ impl Drop for TempDir {
     }
 }
 
-/// Regenerates `examples/grpc/refresh.v1.rs` from `examples/grpc/refresh.proto` with protox
+/// Regenerates `src/refresh.v1.rs` from `proto/refresh.proto` with protox
 /// (no system `protoc`) and tonic-prost-build, as it was generated, and compares the bytes.
 /// With `REGENERATE=1` it writes the file first.
 #[test]
 fn the_generated_grpc_code_matches_the_proto() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/grpc");
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = crate_dir.join("proto");
     let out = TempDir::new("tower-refresh-coalesce-grpc-codegen");
     let descriptors = protox::compile(["refresh.proto"], [&dir]).expect("refresh.proto compiles");
     tonic_prost_build::configure()
@@ -58,7 +55,7 @@ fn the_generated_grpc_code_matches_the_proto() {
         .expect("code generation succeeds");
     let generated = fs::read(out.0.join("refresh.v1.rs")).expect("the generated file");
 
-    let committed_path = dir.join("refresh.v1.rs");
+    let committed_path = crate_dir.join("src/refresh.v1.rs");
     if env::var_os("REGENERATE").is_some() {
         fs::write(&committed_path, &generated).expect("write the generated file");
     }
@@ -73,9 +70,9 @@ fn the_generated_grpc_code_matches_the_proto() {
                 |line| format!("line {}", line + 1),
             );
         panic!(
-            "examples/grpc/refresh.v1.rs differs from what examples/grpc/refresh.proto \
+            "examples/grpc/src/refresh.v1.rs differs from what examples/grpc/proto/refresh.proto \
              generates ({} bytes generated, {} committed; first difference {first_difference}). \
-             Regenerate it with\n\n    REGENERATE=1 cargo test --test grpc_example \
+             Regenerate it with\n\n    REGENERATE=1 cargo test -p grpc --test grpc_example \
              the_generated_grpc_code_matches_the_proto\n",
             generated.len(),
             committed.len(),

@@ -6,9 +6,9 @@
 //! service, and all 500 get the same new pair.
 //!
 //! ```text
-//! cargo run --example grpc                                   # server and client, one process
-//! cargo run --release --example grpc -- server [--addr 127.0.0.1:50051]
-//! cargo run --release --example grpc -- client [--addr 127.0.0.1:50051] [--calls 500] [--token JWT]
+//! cargo run -p grpc                                   # server and client, one process
+//! cargo run --release -p grpc -- server [--addr 127.0.0.1:50051]
+//! cargo run --release -p grpc -- client [--addr 127.0.0.1:50051] [--calls 500] [--token JWT]
 //! ```
 //!
 //! - The refresh token travels in the `x-refresh-token` metadata entry, not in the message.
@@ -19,9 +19,10 @@
 //! - The layer is server-wide but coalesces the Refresh method only (`HttpExtract::paths`):
 //!   other methods pass through untouched.
 //!
-//! The protobuf code in `examples/grpc/refresh.v1.rs` is generated from
-//! `examples/grpc/refresh.proto` once and checked in, so that the library needs no build
-//! script; `tests/grpc_example.rs` regenerates it and fails if the two differ.
+//! The protobuf code in `src/refresh.v1.rs` is generated from `proto/refresh.proto` once and
+//! checked in, so that the crate needs no build script (and no `protoc`);
+//! `tests/grpc_example.rs` regenerates it and fails if the two differ. This library is the
+//! service and its client; `src/main.rs` is the command line.
 
 use std::{
     collections::HashSet,
@@ -34,7 +35,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use clap::{Parser, Subcommand};
 use futures_util::future::{join_all, try_join_all};
 use http::HeaderName;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -44,8 +44,9 @@ use tonic::{
     Code, Status,
     transport::{Channel, Server, server::TcpIncoming},
 };
+pub use tower_refresh_coalesce::BoxError;
 use tower_refresh_coalesce::{
-    BoxError, HttpExtract, HttpShare, JwtVerifier, RefreshCoalesceLayer, TokenSource, Verify,
+    HttpExtract, HttpShare, JwtVerifier, RefreshCoalesceLayer, TokenSource, Verify,
     token::ConfigError,
 };
 
@@ -55,9 +56,9 @@ use self::pb::{
     token_service_server::{TokenService, TokenServiceServer},
 };
 
-/// The code generated from `examples/grpc/refresh.proto` (package `refresh.v1`).
+/// The code generated from `proto/refresh.proto` (package `refresh.v1`).
 pub mod pb {
-    include!("grpc/refresh.v1.rs");
+    include!("refresh.v1.rs");
 }
 
 /// The HS256 secret of the example's tokens. A real one is 32 or more random bytes from a
@@ -74,7 +75,8 @@ pub const ACCESS_TTL: Duration = Duration::from_secs(15 * 60);
 /// The lifetime of the refresh tokens the service issues.
 pub const REFRESH_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-const DEFAULT_ADDR: &str = "127.0.0.1:50051";
+/// The address the service listens on, and the client calls, by default.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
 const REFRESH_TYP: &str = "refresh+jwt";
 const ACCESS_TYP: &str = "at+jwt";
 /// Concurrent calls per connection: hyper's HTTP/2 server allows 200 concurrent streams per
@@ -343,8 +345,9 @@ pub async fn storm(addr: SocketAddr, token: &str, calls: usize) -> Result<StormR
     })
 }
 
-/// Runs a storm against `addr` and shows what the layer answers without a valid token.
-async fn client(addr: SocketAddr, calls: usize, token: Option<String>) -> Result<(), BoxError> {
+/// Runs a storm against `addr` and prints what came back, then what the layer answers
+/// without a valid token.
+pub async fn client(addr: SocketAddr, calls: usize, token: Option<String>) -> Result<(), BoxError> {
     let token = match token {
         Some(token) => token,
         None => mint_refresh_token(SECRET, "user-42")?,
@@ -372,69 +375,4 @@ async fn client(addr: SocketAddr, calls: usize, token: Option<String>) -> Result
         server_refresh_calls(&mut client).await?
     );
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// Command line
-// ---------------------------------------------------------------------------------------
-
-/// A tonic token service behind the refresh-coalescing layer. Without a subcommand: the
-/// server on a free port and a client storm against it, in one process.
-#[derive(Debug, Parser)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Runs the token service.
-    Server {
-        /// The address to listen on.
-        #[arg(long, default_value = DEFAULT_ADDR)]
-        addr: SocketAddr,
-    },
-    /// Fires concurrent Refresh calls with one token and reports what came back.
-    Client {
-        /// The address of the token service.
-        #[arg(long, default_value = DEFAULT_ADDR)]
-        addr: SocketAddr,
-        /// The number of concurrent calls.
-        #[arg(long, default_value_t = 500)]
-        calls: usize,
-        /// The refresh token to send; by default one is minted with the example's secret.
-        #[arg(long)]
-        token: Option<String>,
-    },
-}
-
-#[cfg_attr(
-    test,
-    allow(
-        dead_code,
-        reason = "tests/grpc_example.rs includes this file as a module and never calls main"
-    )
-)]
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let service = TokenServer::new(refresh_token_verifier()?);
-    match Cli::parse().command {
-        Some(Command::Server { addr }) => {
-            let listener = TcpListener::bind(addr).await?;
-            println!("token service on {}", listener.local_addr()?);
-            serve(listener, service).await
-        }
-        Some(Command::Client { addr, calls, token }) => client(addr, calls, token).await,
-        None => {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            println!("token service on {addr}");
-            tokio::spawn(async move {
-                if let Err(error) = serve(listener, service).await {
-                    eprintln!("server failed: {error}");
-                }
-            });
-            client(addr, 500, None).await
-        }
-    }
 }
