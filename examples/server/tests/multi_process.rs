@@ -74,8 +74,8 @@ async fn three_server_processes_sharing_a_database_and_redis_rotate_a_storm_once
         before += rotations(&client, base).await;
     }
     let body = json!({ "refresh_token": token });
-    let storm = (0..1_500)
-        .map(|i| post_json(&client, &bases[i % bases.len()], "/auth/refresh", &body));
+    let storm =
+        (0..1_500).map(|i| post_json(&client, &bases[i % bases.len()], "/auth/refresh", &body));
     let replies = join_all(storm).await;
     let mut after = 0;
     for base in &bases {

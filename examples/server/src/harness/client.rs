@@ -84,12 +84,7 @@ impl Client {
     pub async fn login_demo(&self, base: &str) -> Result<String, Error> {
         let reply = self.login(base, DEMO_USER, DEMO_PASSWORD).await?;
         reply.refresh_token().ok_or_else(|| {
-            format!(
-                "login at {base} failed: {} {}",
-                reply.status,
-                reply.text()
-            )
-            .into()
+            format!("login at {base} failed: {} {}", reply.status, reply.text()).into()
         })
     }
 
@@ -171,7 +166,9 @@ impl Reply {
         if self.status != StatusCode::OK {
             return None;
         }
-        self.try_json()?["refresh_token"].as_str().map(str::to_owned)
+        self.try_json()?["refresh_token"]
+            .as_str()
+            .map(str::to_owned)
     }
 
     /// The JSON `error` code of the answer, if any.

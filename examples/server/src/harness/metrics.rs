@@ -83,7 +83,9 @@ impl Metrics {
                 rest = &labels[len..];
             }
             let series = &line[..line.len() - rest.len()];
-            let value = rest.strip_prefix(' ').ok_or_else(|| fail("no value", line))?;
+            let value = rest
+                .strip_prefix(' ')
+                .ok_or_else(|| fail("no value", line))?;
             let value: f64 = match value {
                 "+Inf" => f64::INFINITY,
                 "-Inf" => f64::NEG_INFINITY,

@@ -156,7 +156,6 @@ async fn get_with_bearer(router: &Router, path: &str, token: &str) -> Reply {
     call(router, request).await
 }
 
-
 // ---------------------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------------------
@@ -325,4 +324,3 @@ async fn login_with_a_malformed_body_is_a_json_400() {
         .await
         .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
 }
-

@@ -461,4 +461,3 @@ async fn fifty_concurrent_refreshes_of_one_token_without_the_layer_revoke_the_fa
     assert_eq!(server.state().metrics().rotations_total(), 1);
     assert_eq!(server.state().metrics().reuse_detected_total(), 1);
 }
-

@@ -192,19 +192,12 @@ async fn metrics_are_openmetrics_text_with_the_rotation_counters() {
     };
     assert_eq!(sample("refresh_rotations_total"), 1.0);
     assert_eq!(sample("refresh_reuse_detected_total"), 1.0);
+    assert_eq!(sample(r#"refresh_requests_total{outcome="ok"}"#), 1.0);
     assert_eq!(
-        sample(r#"refresh_requests_total{outcome="ok"}"#),
+        sample(r#"refresh_requests_total{outcome="invalid_grant"}"#),
         1.0
     );
-    assert_eq!(
-        sample(r#"refresh_requests_total{outcome="invalid_grant"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        sample(r#"login_requests_total{outcome="ok"}"#),
-        1.0
-    );
+    assert_eq!(sample(r#"login_requests_total{outcome="ok"}"#), 1.0);
     assert_eq!(sample("layer_test_total"), 1.0);
 }
 

@@ -2,8 +2,8 @@
 //! reports the growth of the process's resident set, per entry.
 //!
 //! ```text
-//! cargo run --release --example memory -- ours 1000000
-//! cargo run --release --example memory -- moka 1000000
+//! cargo run --release -p bench-tools --bin memory -- ours 1000000
+//! cargo run --release -p bench-tools --bin memory -- moka 1000000
 //! ```
 //!
 //! Run each contender in its own process. Every entry holds the same `Arc`'d ~600-byte token
@@ -16,9 +16,7 @@
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
-#[path = "support/rss.rs"]
-mod rss;
-
+use bench_tools::rss;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_refresh_coalesce::{Fingerprint, RefreshCoalesceLayer};
 

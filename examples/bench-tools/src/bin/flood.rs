@@ -1,12 +1,12 @@
 //! Bounded memory under a flood of distinct valid refresh tokens (issue 7, item 4).
 //!
 //! ```text
-//! cargo run --release --example flood                       # 1,000,000 tokens
-//! cargo run --release --example flood -- --tokens 200000 --concurrency 512 --no-drain
+//! cargo run --release -p bench-tools --bin flood                       # 1,000,000 tokens
+//! cargo run --release -p bench-tools --bin flood -- --tokens 200000 --concurrency 512 --no-drain
 //! ```
 //!
 //! Sends `--tokens` distinct, valid HS256 refresh tokens (`typ: refresh+jwt`, one subject and
-//! `jti` each, signed like `tests/support/tokens.rs` does) through the HTTP front
+//! `jti` each, signed like the tests' `support::tokens` does) through the HTTP front
 //! (`RefreshCoalesceLayer::http` with a `JwtVerifier`) at the **default limits**
 //! (`max_entries` 100,000, TTL 30 s, `wait_timeout` 10 s, hard cap 30 s), in process, as fast
 //! as one current-thread runtime can, `--concurrency` requests in flight (one task each). Each request is an
@@ -33,9 +33,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-#[path = "support/rss.rs"]
-mod rss;
-
+use bench_tools::rss;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
@@ -45,7 +43,7 @@ use tokio::task::JoinSet;
 use tower::{Layer as _, ServiceExt as _, service_fn};
 use tower_refresh_coalesce::{HttpExtract, JwtVerifier, RefreshCoalesceLayer};
 
-/// The HS256 secret, as in `tests/support/tokens.rs`.
+/// The HS256 secret, as in the tests' `support::tokens`.
 const SECRET: &[u8] = b"test signing secret, 32 bytes ok";
 const REFRESH_TYP: &str = "refresh+jwt";
 /// The layer's default `max_entries`, asserted on every sample.

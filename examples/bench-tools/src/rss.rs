@@ -1,12 +1,11 @@
-//! The process's resident set from `/proc/self`, for the memory examples (`memory.rs`,
-//! `flood.rs`). The crate forbids `unsafe`, so the page size is derived rather than asked
+//! The process's resident set from `/proc/self`, for the memory tools (`memory`, `flood`). The crate forbids `unsafe`, so the page size is derived rather than asked
 //! of `sysconf`.
 
 use std::fs;
 
 /// Resident pages (`/proc/self/statm`), and `VmRSS` and the peak `VmHWM` in bytes
 /// (`/proc/self/status`).
-pub(crate) fn resident() -> (u64, u64, u64) {
+pub fn resident() -> (u64, u64, u64) {
     let statm = fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
     let pages = statm
         .split_whitespace()
@@ -25,7 +24,7 @@ pub(crate) fn resident() -> (u64, u64, u64) {
 }
 
 /// The page size, from the two views of the same resident set.
-pub(crate) fn page_size() -> u64 {
+pub fn page_size() -> u64 {
     let (pages, bytes, _) = resident();
     let size = (bytes / pages).next_power_of_two();
     assert!(
