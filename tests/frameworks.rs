@@ -2,8 +2,6 @@
 //! tonic. Every storm is gated: the inner handler waits until every caller has joined the
 //! flight (counted by the layer's own statistics), so exactly one inner call is expected.
 
-mod support;
-
 use std::{
     convert::Infallible,
     fmt::Debug,

@@ -1,10 +1,6 @@
 //! The HTTP front: token sources, verification before coalescing, whole-response sharing,
 //! refusals, and the token-bound keys that keep one caller's pair from another.
 
-mod support;
-#[path = "support/tokens.rs"]
-mod tokens;
-
 use std::{convert::Infallible, future::Future, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -14,8 +10,8 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
+use support::tokens::{self, REFRESH_TYP, RSA_OTHER_PRIVATE, RSA_PUBLIC, SECRET};
 use support::{Calls, Gate, until};
-use tokens::{REFRESH_TYP, RSA_OTHER_PRIVATE, RSA_PUBLIC, SECRET};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_refresh_coalesce::{
     Handle, HttpExtract, HttpShare, JwtVerifier, RefreshCoalesceLayer, TokenSource,

@@ -31,11 +31,10 @@ use std::{
 
 use futures_util::FutureExt;
 use proptest::prelude::*;
+#[cfg(feature = "jwt")]
+use support::tokens;
 use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 use tower::{Layer, ServiceExt, service_fn, util::BoxCloneService};
-#[cfg(feature = "jwt")]
-#[path = "support/tokens.rs"]
-mod tokens;
 
 use tower_refresh_coalesce::{
     BoxError, Builder, CloneResponse, Fingerprint, Handle, RefreshCoalesceLayer, Stats,

@@ -9,12 +9,6 @@
 //! counters; a real wait appears only where a lease or the breaker's cool-down has to pass.
 #![cfg(all(feature = "redis", feature = "jwt"))]
 
-#[path = "support/redis.rs"]
-mod redis_server;
-mod support;
-#[path = "support/tokens.rs"]
-mod tokens;
-
 use std::{
     collections::HashSet,
     convert::Infallible,
@@ -27,10 +21,10 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use redis_server::RedisServer;
 use serde_json::{Value, json};
+use support::redis::RedisServer;
+use support::tokens::{self, REFRESH_TYP, SECRET};
 use support::{Gate, until};
-use tokens::{REFRESH_TYP, SECRET};
 use tokio::{
     task::JoinHandle,
     time::{Instant, timeout},

@@ -2,12 +2,6 @@
 //! alone, would authenticate both the same way (the same token, client, client credential
 //! and sender constraint). Each attack here was a way to receive another caller's pair.
 
-#[path = "support/dpop.rs"]
-mod dpop;
-mod support;
-#[path = "support/tokens.rs"]
-mod tokens;
-
 use std::{convert::Infallible, future::Future};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -16,8 +10,9 @@ use futures_util::future::join_all;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
+use support::dpop;
+use support::tokens::{self, REFRESH_TYP, SECRET};
 use support::{Calls, Gate, until};
-use tokens::{REFRESH_TYP, SECRET};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_refresh_coalesce::{
     Handle, HttpExtract, JwtVerifier, Opaque, RefreshCoalesceLayer, RefreshGrant, Verified,

@@ -10,17 +10,13 @@
 //! Redis does not work under tokio's paused clock, so the suite runs on real time with short
 //! leases and TTLs; a real wait appears only where a TTL or lease has to pass.
 
-mod support;
-
-#[cfg(feature = "redis")]
-#[path = "support/redis.rs"]
-mod redis_server;
-
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+#[cfg(feature = "redis")]
+use support::redis as redis_server;
 use support::until;
 use tokio::time::{Instant, timeout};
 use tower_refresh_coalesce::{
