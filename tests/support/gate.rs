@@ -136,11 +136,13 @@ impl Gated {
         R,
         Response = T,
         Error = E,
-        Future = impl Future<Output = Result<T, E>> + Send + 'static,
-    > + Clone
+        Future = impl Future<Output = Result<T, E>> + Send + 'static + use<R, F, Fut, T, E>,
+    >
+    + Clone
     + Send
     + Sync
     + 'static
+    + use<R, F, Fut, T, E>
     where
         R: Send + 'static,
         F: Fn(R, usize) -> Fut + Clone + Send + Sync + 'static,
