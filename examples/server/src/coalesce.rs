@@ -55,7 +55,7 @@ fn redis_store(
     _secret: &[u8],
 ) -> Result<tower_refresh_coalesce::store::MemoryStore, BoxError> {
     Err(
-        "--redis needs the `redis` feature: cargo run --release --features redis --example server"
+        "--redis needs the `redis` feature: cargo run --release -p server --features redis"
             .into(),
     )
 }
