@@ -54,10 +54,7 @@ fn redis_store(
     _url: &str,
     _secret: &[u8],
 ) -> Result<tower_refresh_coalesce::store::MemoryStore, BoxError> {
-    Err(
-        "--redis needs the `redis` feature: cargo run --release -p server --features redis"
-            .into(),
-    )
+    Err("--redis needs the `redis` feature: cargo run --release -p server --features redis".into())
 }
 
 /// Exposes the layer's [`Stats`](tower_refresh_coalesce::Stats) on each scrape.
