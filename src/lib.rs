@@ -174,7 +174,7 @@
 //! # let _ = layer;
 //! ```
 //!
-//! `examples/grpc.rs` is a complete tonic server and client.
+//! The `grpc` crate of the workspace (`examples/grpc`) is a complete tonic server and client.
 //!
 //! # Several instances
 //!

@@ -290,7 +290,7 @@ pub type Listener = Arc<dyn Fn(&Invalidation) + Send + Sync>;
 /// Values are opaque bytes, already sealed where the backend is not trusted: `seal` is a
 /// per-token secret the backend mixes into its encryption key ([`RedisStore`] does; the
 /// in-process [`MemoryStore`] ignores it). Key names must be derived from the fingerprint
-/// only. One conformance suite (`tests/store_conformance.rs`) runs against every backend.
+/// only. One conformance suite (`tests/store_conformance/`) runs against every backend.
 pub trait Store: Send + Sync + 'static {
     /// The replay stored for `key`, if any, and only if it is still live, opens with `seal`
     /// and was stored under the key's current generation and, when `group` is given, the
