@@ -306,6 +306,9 @@
 //!   secret and the refreshed token; key names carry only fingerprints.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod error;
 pub mod future;
 #[cfg(feature = "http")]

@@ -51,6 +51,8 @@ use self::{connection::Connection, names::Names, pubsub::Source, scripts::Script
 use super::{Fence, Generations, Listener, StoreError, StoreErrorKind, Stored, seal::Sealer};
 use crate::key::Fingerprint;
 
+#[cfg(feature = "client")]
+mod access;
 mod connection;
 mod names;
 mod protocol;
