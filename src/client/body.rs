@@ -161,7 +161,9 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Kept { data, .. } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Kept { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             Kind::Streaming { read, rest } => {
                 let read: u64 = read
                     .iter()
@@ -276,7 +278,10 @@ where
 }
 
 fn concat(frames: VecDeque<Frame<Bytes>>) -> Bytes {
-    let mut data: Vec<Bytes> = frames.into_iter().filter_map(|f| f.into_data().ok()).collect();
+    let mut data: Vec<Bytes> = frames
+        .into_iter()
+        .filter_map(|f| f.into_data().ok())
+        .collect();
     match data.len() {
         0 => Bytes::new(),
         1 => data.pop().unwrap_or_default(),

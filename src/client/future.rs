@@ -13,7 +13,9 @@
 //!    current tokens; otherwise move them past it (join or start the one refresh of that
 //!    generation). Send the request again, once. If the credentials ended (the token server
 //!    answered `invalid_grant`, or a logout), the rejection is returned as it is; if the
-//!    refresh failed otherwise, its [`RefreshFailed`](super::error::RefreshFailed).
+//!    refresh failed otherwise, its [`RefreshFailed`](super::error::RefreshFailed). A
+//!    rejected request whose body was not kept is returned as it is, and the refresh it
+//!    calls for starts in the background, for the requests that follow.
 //!
 //! Dropping the future at any point cancels only this request: a refresh it started runs on
 //! its own task to the end, and the other requests (and the next ones) get its result.
@@ -124,6 +126,14 @@ where
         let counters = &core.credentials.shared.counters;
         let (Some(mut parts), Some((data, trailers))) = (head, kept) else {
             counters.not_retried();
+            // The token is dead all the same: the next requests should not meet the
+            // rejection too. The refresh starts (or is joined) on a task of its own.
+            if core.credentials.generation() == generation {
+                let core = core.clone();
+                tokio::spawn(async move {
+                    let _ = refresh::past(&core, generation, Trigger::Rejected).await;
+                });
+            }
             return Ok(response);
         };
         let header = match after_rejection(&core, generation).await {

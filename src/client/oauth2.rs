@@ -238,8 +238,9 @@ where
         Ok(response) => response,
         Err(error) => return Err(classify(error).into()),
     };
-    let mut tokens = Tokens::new(response.access_token().secret().as_str())
-        .map_err(|e| RefreshError::rejected("the token endpoint sent an unusable access token").with_source(e))?;
+    let mut tokens = Tokens::new(response.access_token().secret().as_str()).map_err(|e| {
+        RefreshError::rejected("the token endpoint sent an unusable access token").with_source(e)
+    })?;
     if let Some(refresh) = response.refresh_token() {
         tokens = tokens.with_refresh_token(refresh.secret().as_str());
     }

@@ -332,7 +332,10 @@ pub(crate) fn failed(
     shared.counters.failure(kind);
     let error = Arc::new(error);
     if kind == RefreshErrorKind::InvalidGrant {
-        tracing::warn!(generation, "the token server refused the refresh token: the credentials end");
+        tracing::warn!(
+            generation,
+            "the token server refused the refresh token: the credentials end"
+        );
         end(Session::Ended(Reason::Refused));
         return Failure::NoCredentials(NoCredentials::with_source(Reason::Refused, error));
     }

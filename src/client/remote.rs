@@ -127,10 +127,7 @@ async fn lead(
         Some(Session::Ended(reason)) => {
             return Err(Failure::NoCredentials(NoCredentials::new(*reason)));
         }
-        Some(Session::Empty) | None => local
-            .tokens()
-            .map_err(Failure::NoCredentials)?
-            .clone(),
+        Some(Session::Empty) | None => local.tokens().map_err(Failure::NoCredentials)?.clone(),
     };
     // The next generation is past both the store's and this process's.
     let next = read.max(generation) + 1;
@@ -144,9 +141,9 @@ async fn lead(
             if let Some(session) = ended {
                 // Every process learns that the session ended.
                 let stored = save(store, read, Snapshot::new(next, session)).await;
-                shared.adopt(stored.unwrap_or_else(|_| {
-                    Snapshot::new(next, Session::Ended(Reason::Refused))
-                }));
+                shared.adopt(
+                    stored.unwrap_or_else(|_| Snapshot::new(next, Session::Ended(Reason::Refused))),
+                );
             }
             return Err(failure);
         }
@@ -178,7 +175,9 @@ async fn save(
             Ok(Swapped::Done) => return Ok(next),
             // A login (`set`) does not take the lock, and wins.
             Ok(Swapped::Conflict(Some(current))) => return Ok(current),
-            Ok(Swapped::Conflict(None)) => return Err("the credential store lost the credentials".into()),
+            Ok(Swapped::Conflict(None)) => {
+                return Err("the credential store lost the credentials".into());
+            }
             Err(error) => last = Some(error),
         }
     }
@@ -187,5 +186,10 @@ async fn save(
 
 /// A failure to reach the store: transient, with a back-off.
 fn unreachable_store(core: &Core, generation: u64, error: BoxError) -> Failure {
-    refresh::failed(core, generation, RefreshError::transient(error).into(), |_| {})
+    refresh::failed(
+        core,
+        generation,
+        RefreshError::transient(error).into(),
+        |_| {},
+    )
 }

@@ -96,7 +96,11 @@ impl CredentialStore for MemoryCredentialStore {
     fn unlock<'a>(&'a self, fence: &'a Fence) -> StoreFuture<'a, ()> {
         {
             let mut state = self.state();
-            if state.lock.as_ref().is_some_and(|(holder, _)| holder == fence) {
+            if state
+                .lock
+                .as_ref()
+                .is_some_and(|(holder, _)| holder == fence)
+            {
                 state.lock = None;
             }
         }

@@ -105,8 +105,8 @@ impl RedisCredentialStore {
                 "the stored credential does not match its generation",
             ));
         }
-        let session = decode(&plain)
-            .ok_or_else(|| StoreError::new("the stored credential is malformed"))?;
+        let session =
+            decode(&plain).ok_or_else(|| StoreError::new("the stored credential is malformed"))?;
         Ok(Some(Snapshot::new(generation, session)))
     }
 
@@ -222,7 +222,9 @@ impl CredentialStore for RedisCredentialStore {
                 match self.read().await {
                     Ok(Some(snapshot)) if snapshot.generation > after => break Ok(Some(snapshot)),
                     Ok(_) => {}
-                    Err(error) => tracing::debug!(%error, "reading the credential store failed while waiting"),
+                    Err(error) => {
+                        tracing::debug!(%error, "reading the credential store failed while waiting")
+                    }
                 }
                 if Instant::now() >= deadline {
                     break Ok(None);
@@ -331,10 +333,8 @@ fn decode(mut plain: &[u8]) -> Option<Session> {
             }
             if expires_ms != 0 {
                 let left = Duration::from_millis(expires_ms.saturating_sub(unix_ms()));
-                tokens = tokens.restore_expiry(
-                    Instant::now() + left,
-                    Duration::from_millis(lifetime_ms),
-                );
+                tokens = tokens
+                    .restore_expiry(Instant::now() + left, Duration::from_millis(lifetime_ms));
             }
             Session::Active(tokens)
         }
@@ -360,14 +360,24 @@ mod tests {
         assert_eq!(back.refresh_token(), Some("refresh"));
         assert_eq!(back.lifetime(), Duration::from_secs(600));
         let left = back.expires_at().unwrap() - Instant::now();
-        assert!(left > Duration::from_secs(598) && left <= Duration::from_secs(600), "{left:?}");
-        for session in [Session::Empty, Session::Ended(Reason::Cleared), Session::Ended(Reason::Refused)] {
+        assert!(
+            left > Duration::from_secs(598) && left <= Duration::from_secs(600),
+            "{left:?}"
+        );
+        for session in [
+            Session::Empty,
+            Session::Ended(Reason::Cleared),
+            Session::Ended(Reason::Refused),
+        ] {
             let back = decode(&encode(&session)).expect("decodes");
             assert_eq!(format!("{back:?}"), format!("{session:?}"));
         }
         let mut bad = encode(&Session::Ended(Reason::Cleared));
         bad.push(0);
         assert!(decode(&bad).is_none(), "trailing bytes");
-        assert!(decode(&[FORMAT, 1, 0, 0, 0, 9, b'x']).is_none(), "truncated");
+        assert!(
+            decode(&[FORMAT, 1, 0, 0, 0, 9, b'x']).is_none(),
+            "truncated"
+        );
     }
 }
