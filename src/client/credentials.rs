@@ -365,6 +365,20 @@ impl Credentials {
         self.shared.counters.snapshot()
     }
 
+    /// Takes what the store holds, if it is newer than the cell, and returns what the cell
+    /// holds then. A store-backed cell also loads on first use and whenever a request needs
+    /// a refresh; this is for a process that wants another's login at once. Without a
+    /// store it only returns the snapshot.
+    pub async fn load(&self) -> Result<Snapshot, StoreError> {
+        match &self.shared.store {
+            Some(store) => Ok(match store.load().await? {
+                Some(stored) => self.shared.adopt(stored),
+                None => self.snapshot(),
+            }),
+            None => Ok(self.snapshot()),
+        }
+    }
+
     /// Replaces the tokens (after a login) with a new generation. Requests sent with an
     /// older generation that come back rejected are retried with these, without a refresh.
     ///

@@ -35,6 +35,27 @@ const LEASE_MARGIN: Duration = Duration::from_secs(5);
 const LOCK_ATTEMPTS: u32 = 3;
 /// How many times the holder tries to store a refresh's result while the store fails.
 const STORE_ATTEMPTS: u32 = 5;
+/// How many times any other command is sent while the store fails (each within the
+/// store's own budget), before the refresh fails as transient.
+const COMMAND_ATTEMPTS: u32 = 3;
+
+/// Runs a store command, again after a failure: a command that timed out may have been
+/// slow, not lost. Every command of the protocol may run twice: loads read, the lock is
+/// idempotent for one fence, a swap that ran already finds its own result.
+async fn again<'a, T>(
+    mut command: impl FnMut() -> crate::store::StoreFuture<'a, T>,
+) -> Result<T, crate::store::StoreError> {
+    let mut attempt = 1;
+    loop {
+        match command().await {
+            Err(error) if attempt < COMMAND_ATTEMPTS => {
+                tracing::debug!(%error, attempt, "a credential store command failed; sending it again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
 
 /// The flight of `generation` with a store.
 pub(crate) async fn run(
@@ -53,8 +74,7 @@ pub(crate) async fn run(
     {
         return Err(Failure::Failed(backoff.failure));
     }
-    let stored = store
-        .load()
+    let stored = again(|| store.load())
         .await
         .map_err(|e| unreachable_store(core, generation, e.into()))?;
     if let Some(newer) = stored.as_ref().filter(|s| s.generation > generation) {
@@ -72,10 +92,15 @@ pub(crate) async fn run(
     let fence = Fence::random();
     let lease = core.refresh_timeout + LEASE_MARGIN;
     for _ in 0..LOCK_ATTEMPTS {
-        let locked = store
-            .lock(&fence, lease)
-            .await
-            .map_err(|e| unreachable_store(core, generation, e.into()))?;
+        let locked = match again(|| store.lock(&fence, lease)).await {
+            Ok(locked) => locked,
+            Err(error) => {
+                // A lock taken by an attempt whose answer was lost would hold off every
+                // process until its lease ends: give it back.
+                let _ = store.unlock(&fence).await;
+                return Err(unreachable_store(core, generation, error.into()));
+            }
+        };
         if locked {
             let outcome = lead(core, store, generation, read, &local, trigger).await;
             if let Err(error) = store.unlock(&fence).await {
@@ -85,7 +110,7 @@ pub(crate) async fn run(
             return outcome;
         }
         // Another process refreshes: wait for what it stores, at most until its lease ends.
-        match store.wait(read, Instant::now() + lease).await {
+        match again(|| store.wait(read, Instant::now() + lease)).await {
             Ok(Some(newer)) => {
                 shared.counters.adopted();
                 return Ok(shared.adopt(newer));
@@ -111,8 +136,7 @@ async fn lead(
     trigger: Trigger,
 ) -> Outcome {
     let shared = &core.credentials.shared;
-    let stored = store
-        .load()
+    let stored = again(|| store.load())
         .await
         .map_err(|e| unreachable_store(core, generation, e.into()))?;
     if let Some(newer) = stored.as_ref().filter(|s| s.generation > read) {
