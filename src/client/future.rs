@@ -159,7 +159,7 @@ where
 }
 
 /// The generation and tokens to send a request with, refreshed first if they expire soon.
-async fn authorize(core: &Arc<Core>) -> Result<(u64, Tokens), BoxError> {
+pub(crate) async fn authorize(core: &Arc<Core>) -> Result<(u64, Tokens), BoxError> {
     let shared = &core.credentials.shared;
     let (mut snapshot, backoff) = shared.view();
     if matches!(snapshot.session, Session::Empty) && shared.store.is_some() {
@@ -193,7 +193,10 @@ async fn authorize(core: &Arc<Core>) -> Result<(u64, Tokens), BoxError> {
 
 /// The `Authorization` value to send a request again with, after a rejection of the
 /// `generation` it was sent with.
-async fn after_rejection(core: &Arc<Core>, generation: u64) -> Result<HeaderValue, Failure> {
+pub(crate) async fn after_rejection(
+    core: &Arc<Core>,
+    generation: u64,
+) -> Result<HeaderValue, Failure> {
     let shared = &core.credentials.shared;
     let (snapshot, _) = shared.view();
     let next = if snapshot.generation != generation {

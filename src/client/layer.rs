@@ -10,6 +10,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
+    authorizer::Authorizer,
     core::Core,
     credentials::{Credentials, Tokens},
     refresh::{RefreshRequest, RefreshWith, Refresher},
@@ -83,6 +84,12 @@ impl BearerAuthLayer {
     /// The credentials the layer authenticates with.
     pub fn credentials(&self) -> &Credentials {
         &self.core.credentials
+    }
+
+    /// The layer's refresh core as two calls, for an HTTP client that is not a tower
+    /// service; it shares the layer's credentials, settings and refreshes.
+    pub fn authorizer(&self) -> Authorizer {
+        Authorizer::new(self.core.clone())
     }
 }
 

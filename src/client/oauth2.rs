@@ -54,7 +54,9 @@ const MAX_ANSWER: usize = 64 * 1024;
 /// use tower_refresh_coalesce::client::oauth2::OAuth2Refresh;
 ///
 /// let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-/// let refresh = OAuth2Refresh::new(http, "https://auth.example.com/oauth/token", "my-client")?
+/// // `B`, the request body, is inferred where the service is used; named here.
+/// let refresh: OAuth2Refresh<_, Full<Bytes>> =
+///     OAuth2Refresh::new(http, "https://auth.example.com/oauth/token", "my-client")?
 ///     .client_secret("s3cret") // client_secret_basic; `.secret_in_body()` for client_secret_post
 ///     .scopes(["api:read"]);
 /// # let _ = refresh;
