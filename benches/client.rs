@@ -71,8 +71,12 @@ impl TokenServer {
 /// The API: `200` for the current token, `401` otherwise. `N` is the request body type.
 fn api<B>(
     server: TokenServer,
-) -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = Ready<Result<Response<Full<Bytes>>, Infallible>>>
-+ Clone
+) -> impl Service<
+    Request<B>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = Ready<Result<Response<Full<Bytes>>, Infallible>>,
+> + Clone
 + Send
 + 'static {
     service_fn(move |request: Request<B>| {
@@ -125,7 +129,9 @@ fn overhead(c: &mut Criterion) {
             })
         });
         let credentials = Credentials::from_tokens(Tokens::new("access-0").unwrap());
-        let refresh = refresh_fn(|_: RefreshRequest| async { Ok::<_, Infallible>(Tokens::new("never").unwrap()) });
+        let refresh = refresh_fn(|_: RefreshRequest| async {
+            Ok::<_, Infallible>(Tokens::new("never").unwrap())
+        });
         let layered = tower::ServiceBuilder::new()
             .layer(BearerAuthLayer::new(credentials, refresh))
             .service(api::<ClientBody<Full<Bytes>>>(server.clone()));
@@ -133,7 +139,10 @@ fn overhead(c: &mut Criterion) {
             b.to_async(&rt).iter(|| {
                 let (layered, request) = (layered.clone(), request(&body));
                 async move {
-                    let response = tokio::spawn(layered.oneshot(request)).await.unwrap().unwrap();
+                    let response = tokio::spawn(layered.oneshot(request))
+                        .await
+                        .unwrap()
+                        .unwrap();
                     assert_eq!(response.status(), StatusCode::OK);
                     response
                 }
@@ -218,12 +227,19 @@ fn storm(c: &mut Criterion) {
             .map(|_| {
                 let cell = cell.clone();
                 tokio::spawn(async move {
-                    let token = if serialised { cell.serialised().await } else { cell.rwlock().await };
+                    let token = if serialised {
+                        cell.serialised().await
+                    } else {
+                        cell.rwlock().await
+                    };
                     let mut request = request(&Bytes::new());
                     request
                         .headers_mut()
                         .insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
-                    api::<Full<Bytes>>(cell.server.clone()).oneshot(request).await.unwrap()
+                    api::<Full<Bytes>>(cell.server.clone())
+                        .oneshot(request)
+                        .await
+                        .unwrap()
                 })
             })
             .collect();
@@ -241,7 +257,9 @@ fn storm(c: &mut Criterion) {
     ]
     .map(|(name, (refreshes, wall))| (name, refreshes, wall))
     {
-        println!("client_storm/{name}: {refreshes} refreshes per storm of {STORM} ({wall:?} for one storm)");
+        println!(
+            "client_storm/{name}: {refreshes} refreshes per storm of {STORM} ({wall:?} for one storm)"
+        );
     }
     group.bench_function("layer", |b| b.to_async(&rt).iter(layer_storm));
     group.bench_function("rwlock", |b| b.to_async(&rt).iter(|| hand_storm(false)));

@@ -142,13 +142,10 @@ impl fmt::Display for Matrix {
             let lines =
                 [false, true].map(|server_layer| cell_lines(self.cell(client, server_layer)));
             writeln!(f, "{}", "-".repeat(LEFT + 2 * CELL))?;
-            for row in 0..lines[0].len() {
+            let [without, with] = lines;
+            for (row, (without, with)) in without.iter().zip(&with).enumerate() {
                 let left = label.get(row).copied().unwrap_or("");
-                writeln!(
-                    f,
-                    "{left:LEFT$}{:<CELL$}{:<CELL$}",
-                    lines[0][row], lines[1][row]
-                )?;
+                writeln!(f, "{left:LEFT$}{without:<CELL$}{with:<CELL$}")?;
             }
         }
         writeln!(f)?;
