@@ -199,14 +199,14 @@ pub(crate) async fn after_rejection(
 ) -> Result<HeaderValue, Failure> {
     let shared = &core.credentials.shared;
     let (snapshot, _) = shared.view();
-    let next = if snapshot.generation != generation {
+    if snapshot.generation != generation {
         // The credentials moved on since the request left: a refresh (or login) another
         // request made. Its tokens are the ones to use; nothing to refresh.
+        let tokens = snapshot.tokens().map_err(Failure::NoCredentials)?;
         shared.counters.stale();
-        snapshot
-    } else {
-        refresh::past(core, generation, Trigger::Rejected).await?
-    };
+        return Ok(tokens.header().clone());
+    }
+    let next = refresh::past(core, generation, Trigger::Rejected).await?;
     next.tokens()
         .map(|tokens| tokens.header().clone())
         .map_err(Failure::NoCredentials)

@@ -211,9 +211,10 @@ pub(crate) async fn past(core: &Arc<Core>, generation: u64, trigger: Trigger) ->
     };
     match waiter.future.clone().await {
         Ok(value) => decode(&value),
+        // The task panicked or was cancelled before it recorded anything: no back-off.
         Err(failed) => Err(Failure::Failed(RefreshFailed::new(
             RefreshErrorKind::Transient,
-            core.backoff.0,
+            std::time::Duration::ZERO,
             failed.into(),
         ))),
     }
