@@ -9,8 +9,8 @@
 //!    `BearerAuth` with an empty body (`layer`), and with a 4 KiB body kept for a retry
 //!    (`layer_4k_body`; `bare_4k_body` is its floor).
 //! 2. `client_storm`: `STORM` concurrent requests whose access token has expired (known
-//!    ahead: its expiry has passed), on a 2-worker runtime; wall time per storm, refreshes
-//!    per storm printed:
+//!    ahead: its expiry has passed), on a 2-worker runtime; wall time per storm, and the
+//!    mean refreshes per storm over every storm criterion ran, printed:
 //!    - `layer`: `BearerAuth` (one refresh, every request waits for it);
 //!    - `rwlock`: hand-written code around a `tokio::sync::RwLock`, as yup-oauth2 does:
 //!      read the token, refresh without a lock when it expired, write the result;
@@ -27,7 +27,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -68,15 +68,14 @@ impl TokenServer {
     }
 }
 
-/// The API: `200` for the current token, `401` otherwise. `N` is the request body type.
+/// The API's answer.
+type Answer = Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
+/// The API: `200` for the current token, `401` otherwise, for requests with `B` bodies.
 fn api<B>(
     server: TokenServer,
-) -> impl Service<
-    Request<B>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = Ready<Result<Response<Full<Bytes>>, Infallible>>,
-> + Clone
+) -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = Answer>
++ Clone
 + Send
 + 'static {
     service_fn(move |request: Request<B>| {
@@ -249,28 +248,35 @@ fn storm(c: &mut Criterion) {
         server.calls()
     };
 
-    // Refreshes per storm, and one storm's wall time, before criterion's samples.
-    for (name, refreshes, wall) in [
-        ("layer", rt.block_on(timed(layer_storm()))),
-        ("rwlock", rt.block_on(timed(hand_storm(false)))),
-        ("serialised", rt.block_on(timed(hand_storm(true)))),
-    ]
-    .map(|(name, (refreshes, wall))| (name, refreshes, wall))
-    {
+    // Every storm criterion runs adds its refreshes here: the mean per storm is printed
+    // after each contender.
+    let tally = |name: &str, storms: &AtomicU64, refreshes: &AtomicU64| {
+        let storms = storms.load(Ordering::Relaxed).max(1);
+        let refreshes = refreshes.load(Ordering::Relaxed);
         println!(
-            "client_storm/{name}: {refreshes} refreshes per storm of {STORM} ({wall:?} for one storm)"
+            "client_storm/{name}: {:.1} refreshes per storm of {STORM} (mean of {storms} storms)",
+            refreshes as f64 / storms as f64
         );
+    };
+    let (storms, refreshes) = (AtomicU64::new(0), AtomicU64::new(0));
+    group.bench_function("layer", |b| {
+        b.to_async(&rt).iter(|| async {
+            refreshes.fetch_add(layer_storm().await, Ordering::Relaxed);
+            storms.fetch_add(1, Ordering::Relaxed);
+        })
+    });
+    tally("layer", &storms, &refreshes);
+    for (name, serialised) in [("rwlock", false), ("serialised", true)] {
+        let (storms, refreshes) = (AtomicU64::new(0), AtomicU64::new(0));
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                refreshes.fetch_add(hand_storm(serialised).await, Ordering::Relaxed);
+                storms.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        tally(name, &storms, &refreshes);
     }
-    group.bench_function("layer", |b| b.to_async(&rt).iter(layer_storm));
-    group.bench_function("rwlock", |b| b.to_async(&rt).iter(|| hand_storm(false)));
-    group.bench_function("serialised", |b| b.to_async(&rt).iter(|| hand_storm(true)));
     group.finish();
-}
-
-async fn timed<T>(future: impl Future<Output = T>) -> (T, Duration) {
-    let started = Instant::now();
-    let value = future.await;
-    (value, started.elapsed())
 }
 
 criterion_group!(benches, overhead, storm);

@@ -90,8 +90,8 @@ impl Matrix {
             )
         } else {
             format!(
-                "without either layer {} refreshes reached the server, {} of {n} requests got \
-                 an answer, and the user was logged out",
+                "without either layer {} refreshes reached the server, {} of {n} requests were \
+                 answered 200, and the user was logged out",
                 alone.refreshes, alone.ok
             )
         };
@@ -123,12 +123,12 @@ impl fmt::Display for Matrix {
         )?;
         writeln!(f)?;
         const LEFT: usize = 26;
-        const CELL: usize = 36;
-        writeln!(
-            f,
-            "{:LEFT$}{:<CELL$}{:<CELL$}",
+        const CELL: usize = 40;
+        let head = format!(
+            "{:LEFT$}{:<CELL$}{}",
             "", "server without its layer", "server with its layer"
-        )?;
+        );
+        writeln!(f, "{}", head.trim_end())?;
         for (client, label) in [
             (
                 ClientKind::Naive,
@@ -141,11 +141,12 @@ impl fmt::Display for Matrix {
         ] {
             let lines =
                 [false, true].map(|server_layer| cell_lines(self.cell(client, server_layer)));
-            writeln!(f, "{}", "-".repeat(LEFT + 2 * CELL))?;
+            writeln!(f, "{}", "-".repeat(LEFT + 2 * CELL - 4))?;
             let [without, with] = lines;
             for (row, (without, with)) in without.iter().zip(&with).enumerate() {
                 let left = label.get(row).copied().unwrap_or("");
-                writeln!(f, "{left:LEFT$}{without:<CELL$}{with:<CELL$}")?;
+                let line = format!("{left:LEFT$}{without:<CELL$}{with}");
+                writeln!(f, "{}", line.trim_end())?;
             }
         }
         writeln!(f)?;
