@@ -111,3 +111,16 @@ pub(super) async fn an_expired_lease_lets_another_fence_win(b: Backend) {
     let next = b.store(1).elect(&k, &Fence::random(), LEASE).await.unwrap();
     assert_eq!(next, Election::Won { generation: 0 }, "{}", b.name);
 }
+
+pub(super) async fn a_won_election_is_acknowledged_by_as_many_replicas_as_the_store_requires(
+    b: Backend,
+) {
+    let k = key("replicated");
+    let won = b.store(0).elect(&k, &Fence::random(), LEASE).await.unwrap();
+    assert_eq!(won, Election::Won { generation: 0 }, "{}", b.name);
+    // Memory and standalone Redis require none; the Sentinel set's master has its one
+    // replica acknowledge the lock (`WAIT 1`); the cluster here has no replicas and
+    // requires none.
+    let replicated = b.store(0).replicate(&k).await.unwrap();
+    assert!(replicated, "{}", b.name);
+}

@@ -131,7 +131,8 @@ impl RedisStoreBuilder {
     }
 
     /// How many replicas must acknowledge an election before its leader calls the inner
-    /// service (`WAIT replicas command_timeout`, right after the lock is taken). Replication
+    /// service (`WAIT replicas timeout`, right after the lock is taken, waiting at most half
+    /// the command budget). Replication
     /// is asynchronous: a master that fails before its replica received the lock hands the
     /// next election to a second leader, whose refresh presents a token the first one is
     /// rotating. Waiting closes that window as far as the replicas acknowledge in time; a
@@ -402,18 +403,14 @@ impl Inner {
     }
 
     /// How many replicas acknowledged the writes made through this store's connection to the
-    /// node that holds `key`, waiting for `min_replicas` of them at most the command budget.
+    /// node that holds `key`, waiting for `min_replicas` of them at most half the command
+    /// budget: `WAIT` blocks on the server for its own timeout, and its answer must still
+    /// arrive within the budget (the connection's response timeout).
     async fn acknowledged(&self, key: &str) -> Result<u32, StoreError> {
-        // `WAIT` blocks on the server for up to its own timeout: give the command a margin
-        // beyond it, so that a late acknowledgement is an answer, not a failure.
-        let budget = self.command_timeout;
-        let wait = self
-            .connection
-            .wait_for_replicas(key, self.min_replicas, budget);
-        match tokio::time::timeout(budget * 2, wait).await {
-            Ok(result) => result.map_err(connection::store_error),
-            Err(_) => Err(StoreError::timeout(budget * 2)),
-        }
+        let wait =
+            self.connection
+                .wait_for_replicas(key, self.min_replicas, self.command_timeout / 2);
+        self.run(wait).await
     }
 
     /// Succeeds once `min_replicas` replicas acknowledged the writes to the nodes of `keys`

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use tokio::time::Instant;
 
 use super::{Inner, KIND_FLIGHT, KIND_REPLAY, Opened, Read, RedisStore, scripts::REVOKED, unix_ms};
@@ -341,14 +342,17 @@ impl Store for RedisStore {
                 .chain(members.iter().map(|member| inner.names.key(member, "gen")))
                 .collect();
             inner.replicated(&touched).await?;
-            let mut pipe = redis::pipe();
-            pipe.del(&members_key).ignore();
-            pipe.publish(
-                inner.names.invalidate_channel(),
-                format!("group {}", group.to_hex()),
+            // Two commands, not a pipeline: in a cluster the channel is no key of the
+            // members' slot. Both go out at once on the multiplexed connection.
+            let mut announce = connection.clone();
+            let channel = inner.names.invalidate_channel();
+            let message = format!("group {}", group.to_hex());
+            let (deleted, announced) = futures_util::future::join(
+                inner.run(connection.del::<_, ()>(&members_key)),
+                inner.run(announce.publish::<_, _, ()>(&channel, &message)),
             )
-            .ignore();
-            inner.run(pipe.query_async::<()>(&mut connection)).await
+            .await;
+            deleted.and(announced)
         })
     }
 
