@@ -87,9 +87,9 @@ impl Deployment {
         }
     }
 
-    /// Every key on every master: name, TTL in ms (-1: none), value.
-    async fn dump(&self) -> Vec<(Vec<u8>, i64, Vec<u8>)> {
-        let masters: Vec<&RedisServer> = match self {
+    /// The servers that are masters now.
+    fn masters(&self) -> Vec<&RedisServer> {
+        match self {
             Deployment::Standalone(server) => vec![server],
             Deployment::Sentinel(sentinel) => vec![sentinel.node(sentinel.master())],
             Deployment::Cluster(cluster) => cluster
@@ -97,12 +97,25 @@ impl Deployment {
                 .into_iter()
                 .map(|n| cluster.node(n))
                 .collect(),
-        };
+        }
+    }
+
+    /// Every key on every master: name, TTL in ms (-1: none), value.
+    async fn dump(&self) -> Vec<(Vec<u8>, i64, Vec<u8>)> {
         let mut all = Vec::new();
-        for master in masters {
+        for master in self.masters() {
             all.extend(master.dump().await);
         }
         all
+    }
+
+    /// How many keys each master holds, by its port.
+    async fn keys_per_master(&self) -> Vec<(usize, usize)> {
+        let mut counts = Vec::new();
+        for master in self.masters() {
+            counts.push((usize::from(master.port()), master.dump().await.len()));
+        }
+        counts
     }
 }
 
