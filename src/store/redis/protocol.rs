@@ -93,6 +93,7 @@ impl Store for RedisStore {
                         .elect
                         .key(inner.names.key(key, "lock"))
                         .key(inner.names.key(key, "gen"))
+                        .key(inner.names.key(key, "res"))
                         .arg(fence.as_str())
                         .arg(lease.as_millis() as u64)
                         .invoke_async(&mut connection),
@@ -100,6 +101,7 @@ impl Store for RedisStore {
                 .await?;
             Ok(match result {
                 (1, _, generation) => Election::Won { generation },
+                (2, _, _) => Election::Replay,
                 (_, holder, generation) => Election::Lost {
                     leader: Fence::from_string(holder.unwrap_or_default()),
                     generation,

@@ -9,11 +9,12 @@ pub(super) struct Scripts {
     /// KEYS: gen (of a group). ARGV: life ms. Returns the generation (0 if none), keeping an
     /// existing one at least `life`.
     pub(super) generation: Script,
-    /// KEYS: lock, gen. ARGV: fence, lease ms. Returns `{1, '', generation}` when won,
-    /// `{0, holder, generation}` when lost, and keeps an existing generation at least the
-    /// lease (it must not expire under the flight). Idempotent for one fence: if an earlier
-    /// attempt with this fence timed out on the way back but took the lock, a retry reports
-    /// it won.
+    /// KEYS: lock, gen, res. ARGV: fence, lease ms. Returns `{1, '', generation}` when won,
+    /// `{0, holder, generation}` when lost, `{2, '', generation}` without taking the lock
+    /// when a replay of the key is stored (a leader completed since this flight looked), and
+    /// keeps an existing generation at least the lease (it must not expire under the flight).
+    /// Idempotent for one fence: if an earlier attempt with this fence timed out on the way
+    /// back but took the lock, a retry reports it won.
     pub(super) elect: Script,
     /// KEYS: res, gen, out, lock. ARGV: value, ttl ms, channel, fence, generation at the
     /// election. If the key's generation moved, stores nothing but the revoked mark in `out`,
@@ -90,10 +91,11 @@ impl Scripts {
                 keep_at_least!(2, 2),
                 "end\n",
                 "gen = tonumber(gen or '0')\n",
-                "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, '', gen} end\n",
-                "local holder = redis.call('GET', KEYS[1]) or ''\n",
+                "local holder = redis.call('GET', KEYS[1])\n",
                 "if holder == ARGV[1] then return {1, '', gen} end\n",
-                "return {0, holder, gen}",
+                "if redis.call('EXISTS', KEYS[3]) == 1 then return {2, '', gen} end\n",
+                "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, '', gen} end\n",
+                "return {0, holder or redis.call('GET', KEYS[1]) or '', gen}",
             )),
             complete_replay: Script::new(concat!(
                 "local gen = redis.call('GET', KEYS[2])\n",
