@@ -57,6 +57,8 @@ const LOG_TAIL_LINES: usize = 25;
 #[derive(Debug)]
 pub struct RedisServer {
     bin: OsString,
+    /// Arguments placed before the harness's own (see `start_with_args`).
+    args: Vec<OsString>,
     port: u16,
     /// `None` once `kill` has run, until `restart`.
     child: Option<Child>,
@@ -80,17 +82,32 @@ impl RedisServer {
     /// Like [`start`](Self::start), with an explicit binary (a path, or a name looked up in
     /// `PATH`).
     pub fn start_with(bin: impl Into<OsString>) -> Self {
+        Self::start_with_args(bin, Vec::<OsString>::new())
+    }
+
+    /// Like [`start_with`](Self::start_with), with arguments placed before the harness's
+    /// own (`--port`, `--bind`, `--save`, `--appendonly`, `--daemonize`, `--dir`,
+    /// `--logfile`, which therefore win): a configuration file first if any (`sentinel.conf`,
+    /// `--sentinel`), then `--name value` pairs (`--cluster-enabled yes`, `--replicaof ..`).
+    /// `restart` runs the server with the same arguments. A relative file name in them
+    /// (`--cluster-config-file nodes.conf`) lands in [`dir`](Self::dir).
+    pub fn start_with_args<A: Into<OsString>>(
+        bin: impl Into<OsString>,
+        args: impl IntoIterator<Item = A>,
+    ) -> Self {
         let bin = bin.into();
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let dir = TempDir::new();
         let mut refused = String::new();
         for _ in 0..PORT_ATTEMPTS {
             // The port is free now, but anyone may take it before redis binds it: then redis
             // exits with "Address already in use" and we try another one.
             let port = free_port();
-            match launch(&bin, dir.path(), port, Instant::now() + START_TIMEOUT) {
+            match launch(&bin, &args, dir.path(), port, Instant::now() + START_TIMEOUT) {
                 Launch::Ready(child) => {
                     return Self {
                         bin,
+                        args,
                         port,
                         child: Some(child),
                         paused: AtomicBool::new(false),
@@ -177,7 +194,7 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match launch(&self.bin, self.dir.path(), self.port, deadline) {
+            match launch(&self.bin, &self.args, self.dir.path(), self.port, deadline) {
                 Launch::Ready(child) => {
                     self.child = Some(child);
                     return;
@@ -400,7 +417,7 @@ enum Launch {
 }
 
 /// Runs the server on `port` and waits until it answers, it exits, or `deadline` passes.
-fn launch(bin: &OsStr, dir: &Path, port: u16, deadline: Instant) -> Launch {
+fn launch(bin: &OsStr, args: &[OsString], dir: &Path, port: u16, deadline: Instant) -> Launch {
     let log = dir.join("redis.log");
     // Redis appends to its log; remember where this run starts.
     let log_from = fs::metadata(&log).map_or(0, |meta| meta.len());
@@ -410,6 +427,7 @@ fn launch(bin: &OsStr, dir: &Path, port: u16, deadline: Instant) -> Launch {
     let stderr = stdio.try_clone().expect("clone of a file handle");
 
     let spawned = Command::new(bin)
+        .args(args)
         .arg("--port")
         .arg(port.to_string())
         .args(["--bind", "127.0.0.1"])
@@ -541,15 +559,52 @@ fn report(dir: &Path, log_from: u64) -> String {
     text
 }
 
+/// A blocking connection to `127.0.0.1:port` with 2 s connect, read and write timeouts (for
+/// harness code that polls a server's state, such as the cluster and sentinel harnesses).
+pub fn blocking_connection(port: u16) -> redis::RedisResult<redis::Connection> {
+    let timeout = Duration::from_secs(2);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let con = client.get_connection_with_timeout(timeout)?;
+    con.set_read_timeout(Some(timeout))?;
+    con.set_write_timeout(Some(timeout))?;
+    Ok(con)
+}
+
+/// The `name:value` lines of an `INFO` (or `CLUSTER INFO`) reply.
+pub fn parse_info(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.to_owned(), value.trim_end().to_owned()))
+        .collect()
+}
+
+/// Calls `probe` every `interval` until it returns `Ok`, for at most `timeout`. On time-out,
+/// returns the last `Err` (what was still missing).
+pub fn poll<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(value) => return Ok(value),
+            Err(missing) if Instant::now() >= deadline => return Err(missing),
+            Err(_) => thread::sleep(interval),
+        }
+    }
+}
+
 /// `$REDIS_SERVER_BIN` if set and non-empty, else `redis-server`.
-fn binary() -> OsString {
+pub fn binary() -> OsString {
     env::var_os(BIN_ENV)
         .filter(|bin| !bin.is_empty())
         .unwrap_or_else(|| "redis-server".into())
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
@@ -558,10 +613,11 @@ fn free_port() -> u16 {
 
 /// `$TMPDIR/rc-redis-<pid>-<n>`, removed on drop.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    /// A new empty directory.
+    pub fn new() -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = env::temp_dir().join(format!("rc-redis-{}-{n}", process::id()));
@@ -572,7 +628,8 @@ impl TempDir {
         Self(path)
     }
 
-    fn path(&self) -> &Path {
+    /// Where it is.
+    pub fn path(&self) -> &Path {
         &self.0
     }
 }
