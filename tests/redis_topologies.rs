@@ -57,7 +57,10 @@ fn a_three_master_cluster_agrees_on_every_slot_and_hashes_keys_as_redis_does() {
     assert_eq!(seeds.len(), 3);
     for (n, seed) in seeds.iter().enumerate() {
         assert_ne!(cluster.node(n).port(), 6379);
-        assert_eq!(*seed, format!("redis://127.0.0.1:{}/", cluster.node(n).port()));
+        assert_eq!(
+            *seed,
+            format!("redis://127.0.0.1:{}/", cluster.node(n).port())
+        );
     }
     for (_, info) in cluster.query_each::<String>(redis::cmd("CLUSTER").arg("INFO")) {
         assert!(info.contains("cluster_state:ok"), "{info}");
@@ -104,7 +107,10 @@ fn a_key_written_through_a_cluster_aware_client_lands_on_the_master_of_its_slot(
 
     let keys: Vec<String> = (0..30).map(|n| format!("rc:{{token-{n}}}:res")).collect();
     for key in &keys {
-        assert_eq!(cluster_cli(seed, &["SET", key, "sealed", "PX", "60000"]), "OK");
+        assert_eq!(
+            cluster_cli(seed, &["SET", key, "sealed", "PX", "60000"]),
+            "OK"
+        );
     }
 
     let mut on_master = std::collections::BTreeMap::<usize, u64>::new();
@@ -115,16 +121,20 @@ fn a_key_written_through_a_cluster_aware_client_lands_on_the_master_of_its_slot(
             .arg(key)
             .query(&mut connect(cluster.node(owner).port()))
             .unwrap();
-        assert_eq!(value.as_deref(), Some("sealed"), "{key} on its owner {owner}");
+        assert_eq!(
+            value.as_deref(),
+            Some("sealed"),
+            "{key} on its owner {owner}"
+        );
         for other in cluster.masters().into_iter().filter(|m| *m != owner) {
             let refused = redis::cmd("GET")
                 .arg(key)
                 .query::<Option<String>>(&mut connect(cluster.node(other).port()))
                 .expect_err("a plain connection to another master is redirected");
-            let port = cluster.node(owner).port();
+            let owner_addr = format!("127.0.0.1:{}", cluster.node(owner).port());
             assert_eq!(
                 refused.redirect_node(),
-                Some(("127.0.0.1", port)),
+                Some((owner_addr.as_str(), key_slot(key.as_bytes()))),
                 "{refused}"
             );
         }
@@ -148,7 +158,10 @@ fn a_key_written_through_a_cluster_aware_client_lands_on_the_master_of_its_slot(
     for (n, calls) in &stats {
         assert_eq!(
             calls.get("set").copied().unwrap_or(0),
-            per_master.iter().find(|(m, _)| m == n).map_or(0, |(_, k)| *k),
+            per_master
+                .iter()
+                .find(|(m, _)| m == n)
+                .map_or(0, |(_, k)| *k),
             "node {n}: {calls:?}"
         );
     }
@@ -160,7 +173,7 @@ fn a_key_written_through_a_cluster_aware_client_lands_on_the_master_of_its_slot(
 
 #[test]
 fn after_its_master_is_killed_a_replica_serves_the_slot_and_the_old_master_rejoins_as_its_replica()
- {
+{
     let mut cluster = RedisCluster::three_masters_three_replicas();
     eprintln!(
         "3-master 3-replica cluster settled in {:?}",

@@ -201,7 +201,10 @@ impl RedisCluster {
     /// the cluster has not settled within [`SETTLE_TIMEOUT`] (the message carries what was
     /// missing and every node's log).
     pub fn start(options: ClusterOptions) -> Self {
-        assert!(options.masters >= 3, "a Redis Cluster needs 3 masters or more");
+        assert!(
+            options.masters >= 3,
+            "a Redis Cluster needs 3 masters or more"
+        );
         let begin = Instant::now();
         let count = options.masters * (1 + options.replicas_per_master);
         let timeout_ms = options.node_timeout.as_millis().to_string();
@@ -219,6 +222,9 @@ impl RedisCluster {
                         &timeout_ms,
                         "--cluster-port",
                         &bus_port,
+                        // A replica's first sync starts at once instead of 5 s later.
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ],
                 )
             })
@@ -230,7 +236,12 @@ impl RedisCluster {
         };
 
         let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
-        create.extend(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())));
+        create.extend(
+            cluster
+                .nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.port())),
+        );
         create.extend([
             "--cluster-replicas".into(),
             options.replicas_per_master.to_string(),
@@ -297,7 +308,10 @@ impl RedisCluster {
 
     /// `redis://127.0.0.1:<port>/` of every running node, for a cluster client's seeds.
     pub fn seed_urls(&self) -> Vec<String> {
-        self.live().into_iter().map(|n| self.nodes[n].url()).collect()
+        self.live()
+            .into_iter()
+            .map(|n| self.nodes[n].url())
+            .collect()
     }
 
     /// The settled topology (waits as `start` does if it is not settled).
@@ -305,25 +319,29 @@ impl RedisCluster {
         self.settle("", |_| Ok(()))
     }
 
-    /// The numbers of the masters that serve slots, in port order.
+    /// The numbers of the masters that serve slots, in order.
     pub fn masters(&self) -> Vec<usize> {
         let topology = self.topology();
-        topology
+        let mut masters: Vec<usize> = topology
             .masters()
             .into_iter()
             .map(|port| self.index(port))
-            .collect()
+            .collect();
+        masters.sort_unstable();
+        masters
     }
 
-    /// The numbers of the running replicas.
+    /// The numbers of the running replicas, in order.
     pub fn replicas(&self) -> Vec<usize> {
         let topology = self.topology();
-        topology
+        let mut replicas: Vec<usize> = topology
             .replicas
             .iter()
             .map(|(port, _)| self.index(*port))
             .filter(|n| self.nodes[*n].pid().is_some())
-            .collect()
+            .collect();
+        replicas.sort_unstable();
+        replicas
     }
 
     /// The number of the master that serves `slot`.
@@ -515,7 +533,7 @@ impl RedisCluster {
         entries
     }
 
-    /// `DBSIZE` of every master that serves slots, as `(node, keys)` in port order.
+    /// `DBSIZE` of every master that serves slots, as `(node, keys)` in node order.
     pub fn keys_per_master(&self) -> Vec<(usize, u64)> {
         self.masters()
             .into_iter()
@@ -674,7 +692,17 @@ fn view(text: &str) -> Result<Topology, String> {
     let mut lines = Vec::new();
     for line in text.lines().filter(|line| !line.trim().is_empty()) {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [id, addr, flags, master, _ping, _pong, _epoch, _link, slots @ ..] = &fields[..]
+        let [
+            id,
+            addr,
+            flags,
+            master,
+            _ping,
+            _pong,
+            _epoch,
+            _link,
+            slots @ ..,
+        ] = &fields[..]
         else {
             return Err(format!("short line {line:?}"));
         };

@@ -103,7 +103,13 @@ impl RedisServer {
             // The port is free now, but anyone may take it before redis binds it: then redis
             // exits with "Address already in use" and we try another one.
             let port = free_port();
-            match launch(&bin, &args, dir.path(), port, Instant::now() + START_TIMEOUT) {
+            match launch(
+                &bin,
+                &args,
+                dir.path(),
+                port,
+                Instant::now() + START_TIMEOUT,
+            ) {
                 Launch::Ready(child) => {
                     return Self {
                         bin,
