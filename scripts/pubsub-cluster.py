@@ -43,6 +43,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -60,11 +61,13 @@ def ensure_venv():
     if Path(sys.prefix).resolve() == VENV.resolve():
         return
     python = VENV / "bin" / "python"
-    if not python.exists():
+    installed = VENV / "installed.txt"
+    if not installed.exists() or installed.read_text() != "\n".join(REQUIREMENTS):
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run(
             [str(python), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True
         )
+        installed.write_text("\n".join(REQUIREMENTS))
     os.execv(str(python), [str(python), __file__, *sys.argv[1:]])
 
 
@@ -456,6 +459,8 @@ def table(results, mode):
 
 
 def main():
+    # A SIGTERM (timeout, kill) unwinds like Ctrl-C, so that the nodes are killed too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--instances", default="3,12,100")
