@@ -533,6 +533,11 @@ impl RedisCluster {
         entries
     }
 
+    /// `DBSIZE` of every running node, replicas included, as `(node, keys)` in node order.
+    pub fn keys_per_node(&self) -> Vec<(usize, u64)> {
+        self.query_each(&redis::cmd("DBSIZE"))
+    }
+
     /// `DBSIZE` of every master that serves slots, as `(node, keys)` in node order.
     pub fn keys_per_master(&self) -> Vec<(usize, u64)> {
         self.masters()
