@@ -45,6 +45,8 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
+use support::dpop;
+use support::tokens::{RSA_PRIVATE, RSA_PUBLIC};
 use tokio::runtime::{Builder, Runtime};
 use tower::{Layer, Service, ServiceExt};
 use tower_refresh_coalesce::{
@@ -52,13 +54,8 @@ use tower_refresh_coalesce::{
     token::DpopVerifier,
 };
 
-#[path = "../tests/support/dpop.rs"]
-mod dpop;
-
 const SECRET: &[u8] = b"bench signing secret, 32 bytes!!";
 const REFRESH_TYP: &str = "refresh+jwt";
-const RSA_PRIVATE: &[u8] = include_bytes!("../tests/support/keys/rsa_private.pem");
-const RSA_PUBLIC: &[u8] = include_bytes!("../tests/support/keys/rsa_public.pem");
 /// Followers of the storm group.
 const FOLLOWERS: usize = 1_000;
 /// The client of the client-authentication cases, and its secret.

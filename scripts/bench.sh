@@ -18,8 +18,8 @@ if [ "${1:-}" != summary ]; then
     esac
     rm -rf "$out"
     mkdir -p "$out"
-    cargo bench --no-run
-    cargo build --release --example memory
+    cargo bench -p tower-refresh-coalesce --no-run
+    cargo build --release -p bench-tools --bin memory
     {
         date -u +"start %Y-%m-%dT%H:%M:%SZ"
         git rev-parse --short HEAD
@@ -33,9 +33,9 @@ if [ "${1:-}" != summary ]; then
         rm -rf target/criterion
         echo "bench.sh: run $run of $runs" >&2
         cat /proc/loadavg >"$dir/loadavg-before.txt"
-        cargo bench --bench coalesce --bench http_front >"$dir/stdout.txt" 2>"$dir/stderr.txt"
+        cargo bench -p tower-refresh-coalesce --bench coalesce --bench http_front >"$dir/stdout.txt" 2>"$dir/stderr.txt"
         for contender in ours moka; do
-            target/release/examples/memory "$contender" 1000000 >>"$dir/memory.txt"
+            target/release/memory "$contender" 1000000 >>"$dir/memory.txt"
         done
         cat /proc/loadavg >"$dir/loadavg-after.txt"
         cp -r target/criterion "$dir/criterion"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Leak check (issue 7, item 6): the storm, panic, hard-cap, dropped-caller and invalidation
 # tests of tests/core.rs under valgrind memcheck, then the fixed scenarios and a few random
-# cases of tests/model.rs. Fails on any definite leak, any memcheck error or a failed test;
+# cases of tests/model. Fails on any definite leak, any memcheck error or a failed test;
 # prints the definite / indirect / possibly lost / still reachable bytes of each run.
 #
 #   scripts/leak-check.sh            # the tests below, one valgrind run each
@@ -58,7 +58,7 @@ unset RUST_BACKTRACE
 
 # The test binary of a test target, built if needed (debug profile).
 binary() {
-    cargo test "$@" --no-run --message-format=json 2>/dev/null |
+    cargo test -p tower-refresh-coalesce "$@" --no-run --message-format=json 2>/dev/null |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1
 }
 core=$(binary --test core)
@@ -108,8 +108,8 @@ done
 if [ "${MODEL:-1}" != 0 ] && [ $# -eq 0 ]; then
     # The model runs on a paused clock: valgrind's slowdown changes nothing it checks.
     model=$(binary --all-features --test model)
-    [ -x "$model" ] || { echo "no test binary for tests/model.rs" >&2; exit 1; }
-    echo "tests/model.rs: $model"
+    [ -x "$model" ] || { echo "no test binary for tests/model" >&2; exit 1; }
+    echo "tests/model: $model"
     check "model: scenarios::" "$model" scenarios::
     PROPTEST_CASES=${LEAK_CASES:-32} check "model: ${LEAK_CASES:-32} cases per property" \
         "$model" _follows_the_model

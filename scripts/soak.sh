@@ -21,11 +21,11 @@ for n in "$seconds" "$rate"; do
     esac
 done
 
-cargo build --release --example server --example load
+cargo build --release -p server -p load
 dir="$(mktemp -d)"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 addr="127.0.0.1:$port"
-target/release/examples/server --addr "$addr" --db "$dir/tokens.db" --ttl 2 >"$dir/server.log" 2>&1 &
+target/release/server --addr "$addr" --db "$dir/tokens.db" --ttl 2 >"$dir/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 1 100); do
@@ -50,7 +50,7 @@ sampler=$!
 trap 'kill "$sampler" "$server" 2>/dev/null || true; rm -rf "$dir"' EXIT
 
 status=0
-target/release/examples/load steady --target "http://$addr" --rate "$rate" \
+target/release/load steady --target "http://$addr" --rate "$rate" \
     --duration "$seconds" --tokens 50 --hold 1 --ttl 2 | tee "$dir/load.txt" || status=$?
 kill "$sampler" 2>/dev/null || true
 grep -qE 'requests in .*; 200 ×[0-9]+$' "$dir/load.txt" \

@@ -161,6 +161,10 @@ pub enum Failure {
     /// another: its result is revoked, so it reaches no caller and is never replayed. The
     /// HTTP front answers `invalid_grant`.
     Revoked,
+    /// The layer requires its store ([`Builder::require_store`](crate::Builder::require_store))
+    /// and the store could not be reached: the inner service was not called. The HTTP front
+    /// answers `503` with `Retry-After`.
+    StoreUnavailable,
 }
 
 /// The leader's call of the inner service failed without producing a result.
@@ -197,6 +201,9 @@ impl fmt::Display for LeaderFailed {
             Failure::Panicked => f.write_str("coalesced call panicked"),
             Failure::HardCap => f.write_str("coalesced call exceeded its hard cap and was aborted"),
             Failure::Cancelled => f.write_str("coalesced call was cancelled"),
+            Failure::StoreUnavailable => {
+                f.write_str("coordination store unreachable: the refresh was not attempted")
+            }
             Failure::RemoteTimeout => {
                 f.write_str("the instance leading this refresh did not answer in time")
             }

@@ -41,7 +41,8 @@ impl Handle {
     /// Sends an invalidation to the store, so that every instance applies it and no flight
     /// running now anywhere stores or replays its result. Spawned: the local table is clean
     /// when the caller continues (and this instance's running flight of the key refuses its
-    /// callers); the store command is retried once if it fails, and a failure is logged.
+    /// callers); the store command is sent again while the store cannot be reached (for up
+    /// to `wait_timeout`), and a failure is logged.
     fn propagate(&self, invalidation: Invalidation) {
         let Some(remote) = self.remote.clone() else {
             return;

@@ -82,6 +82,7 @@ impl<X> RefreshCoalesceLayer<X> {
             check: None,
             store: None,
             breaker: (3, Duration::from_secs(5)),
+            require_store: false,
         }
     }
 }
@@ -156,6 +157,7 @@ pub struct Builder<X, P = CloneResponse> {
     check: Option<Check>,
     store: Option<Arc<dyn Store>>,
     breaker: (u32, Duration),
+    require_store: bool,
 }
 
 type Check = Box<dyn FnOnce(bool) -> Result<(), BuildError> + Send>;
@@ -244,6 +246,22 @@ impl<X, P> Builder<X, P> {
         self
     }
 
+    /// While the store cannot be reached (its breaker is open, or an election fails),
+    /// refuses a request that would lead a flight with
+    /// [`LeaderFailed`](crate::error::LeaderFailed)
+    /// ([`Failure::StoreUnavailable`](crate::error::Failure::StoreUnavailable); the HTTP
+    /// front answers `503` with `Retry-After`) instead of calling the inner service on this
+    /// instance alone. For deployments where one extra rotation means a logout: without the
+    /// store, instances cannot tell whether another one is refreshing the same token.
+    /// Requests answered by a replay this instance holds, and requests joining a flight
+    /// already running, are served as always. Default: `false` (refresh on this instance,
+    /// at most once per instance per token).
+    #[must_use]
+    pub fn require_store(mut self, required: bool) -> Self {
+        self.require_store = required;
+        self
+    }
+
     /// Installs the policy that stores, replays and answers results. Default:
     /// [`CloneResponse`], which clones `Clone` responses and replays every `Ok`.
     #[must_use]
@@ -262,6 +280,7 @@ impl<X, P> Builder<X, P> {
             check: self.check,
             store: self.store,
             breaker: self.breaker,
+            require_store: self.require_store,
         }
     }
 
@@ -311,7 +330,14 @@ impl<X, P> Builder<X, P> {
             let (failures, cool_down) = self.breaker;
             // The lock outlives the hard cap, so it never expires under a running leader.
             let lease = self.hard_cap + Duration::from_secs(5);
-            Arc::new(Remote::new(store, Breaker::new(failures, cool_down), lease))
+            Arc::new(Remote::new(
+                store,
+                Breaker::new(failures, cool_down),
+                lease,
+                // A leader keeps trying to store its result as long as followers wait.
+                self.wait_timeout,
+                self.require_store,
+            ))
         });
         Ok(RefreshCoalesceLayer {
             core: Arc::new(Core {

@@ -174,21 +174,32 @@
 //! # let _ = layer;
 //! ```
 //!
-//! `examples/grpc.rs` is a complete tonic server and client.
+//! The `grpc` crate of the workspace (`examples/grpc`) is a complete tonic server and client.
 //!
 //! # Several instances
 //!
 //! Behind a load balancer, a storm spreads over the instances and each would refresh once.
 //! With a shared [`store::RedisStore`] (feature `redis`) they elect one leader per token; the
-//! others wait for its result, which is stored sealed and replayed everywhere.
+//! others wait for its result, which is stored sealed and replayed everywhere. The store
+//! runs on a standalone Redis, on the master a Sentinel group names, or on a Redis Cluster,
+//! with one protocol: every script touches the keys of one token, which share a hash tag and
+//! so one cluster slot.
 //!
 //! ```no_run
 //! # #[cfg(feature = "redis")]
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use tower_refresh_coalesce::{HttpExtract, Opaque, RefreshCoalesceLayer, store::RedisStore};
 //!
+//! const STORE_SECRET: &[u8] = b"a deployment secret of 32 bytes!";
+//! // One Redis:
 //! let client = redis::Client::open("redis://127.0.0.1:6379/")?;
-//! let store = RedisStore::builder(client, b"a deployment secret of 32 bytes!").build()?;
+//! let store = RedisStore::standalone(client, STORE_SECRET).build()?;
+//! // Or the master that three sentinels name `refresh`:
+//! let sentinels = ["redis://10.0.0.5:26379/", "redis://10.0.0.6:26379/", "redis://10.0.0.7:26379/"];
+//! let store = RedisStore::sentinel(sentinels, "refresh", STORE_SECRET).build()?;
+//! // Or a cluster, from any of its nodes:
+//! let store = RedisStore::cluster(["redis://10.0.1.1:6379/"], STORE_SECRET).build()?;
+//!
 //! let layer = RefreshCoalesceLayer::http(HttpExtract::new(Opaque).secret(b"a fingerprint secret of 32 bytes!"))
 //!     .store(store)
 //!     .build();
@@ -199,9 +210,38 @@
 //!
 //! Every instance needs the same fingerprint secret and store secret. Each Redis command has
 //! a budget (100 ms); after repeated failures a breaker skips Redis for a while and each
-//! instance coalesces on its own (at most one inner call per instance per token). A request
+//! instance coalesces on its own (at most one inner call per instance per token), or, with
+//! [`Builder::require_store`], refuses with `503` and `Retry-After` instead. A request
 //! already waiting on another instance's flight never starts a refresh of its own: it waits
 //! until `wait_timeout` and gets `429`.
+//!
+//! ## What a failover of the store keeps, and what it does not
+//!
+//! Redis replicates asynchronously: a master that fails takes its last writes with it.
+//!
+//! - **Kept: a flight already running.** Its leader waits until the configured number of
+//!   replicas acknowledged its election (`WAIT`, [`store::RedisStoreBuilder::min_replicas`]:
+//!   1 with Sentinel and in a cluster) before it calls the inner service, so the promoted
+//!   replica still holds the lock and no second leader is elected for the token. Requests
+//!   already following it on other instances keep waiting through the failover and never
+//!   call the inner service. Its leader answers its own callers and goes on writing the
+//!   result until the new master takes it (for up to `wait_timeout`), so the followers
+//!   receive it too.
+//! - **Kept: invalidations, as far as the replicas acknowledge them.** An invalidation waits
+//!   for `min_replicas` acknowledgements as an election does, and is sent again until they
+//!   come (for up to `wait_timeout`). A generation that a failover loses reads as 0, lower
+//!   than the one any result stored under it carries: such results are refused, not
+//!   replayed.
+//! - **Not kept: a lock the replicas did not acknowledge in time.** The leader goes on
+//!   (counted in [`Stats::store_unreplicated`]); a failover in that window can elect a
+//!   second leader. Raise `min_replicas` only as far as the replicas answer within the
+//!   command budget.
+//! - **Not kept: coalescing during the failover itself.** While no master answers, a new
+//!   flight cannot be elected: it refreshes on its instance alone (at most one call per
+//!   instance per token), or is refused with [`Builder::require_store`]. Pub/sub messages
+//!   sent meanwhile are lost; waiters poll (every 250 ms) and lose nothing else.
+//! - **Standalone** Redis has no failover: a restart loses every lock and result, with the
+//!   same consequences as the last two points.
 //!
 //! # Feature flags
 //!

@@ -105,6 +105,10 @@ pub struct Stats {
     pub breaker_opened: u64,
     /// `1` while the breaker is open, else `0`.
     pub breaker_open: u64,
+    /// Elections won whose lock the store's replicas did not acknowledge within the budget
+    /// ([`RedisStoreBuilder::min_replicas`](crate::store::RedisStoreBuilder::min_replicas)):
+    /// a failover right then could have elected a second leader.
+    pub store_unreplicated: u64,
 }
 
 impl Stats {
@@ -139,6 +143,7 @@ pub(crate) struct StoreCounters {
     pub(crate) replayed: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) breaker_opened: AtomicU64,
+    pub(crate) unreplicated: AtomicU64,
 }
 
 impl StoreCounters {
@@ -190,6 +195,7 @@ impl Counters {
             store_errors: self.store.errors.load(Relaxed),
             breaker_opened: self.store.breaker_opened.load(Relaxed),
             breaker_open: u64::from(breaker_open),
+            store_unreplicated: self.store.unreplicated.load(Relaxed),
         }
     }
 }

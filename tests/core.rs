@@ -1,7 +1,5 @@
 //! The coalescing core, on a plain request type: counts, replays, timeouts, failures, limits.
 
-mod support;
-
 use std::{
     convert::Infallible,
     future::Future,
@@ -15,13 +13,43 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use support::{Calls, Gate, Req, by_key, gated, until};
+use support::{Calls, Gated, until};
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_refresh_coalesce::{
     Admission, BoxError, Extract, Extracted, Fingerprint, RefreshCoalesceLayer,
     error::{Elapsed, Failure, LeaderFailed, Limit, Overloaded, Shared},
 };
+
+/// A request of these tests: a key and a caller number.
+#[derive(Clone, Debug)]
+struct Req {
+    key: String,
+    #[allow(
+        dead_code,
+        reason = "tells apart the requests of one key when a test fails"
+    )]
+    caller: usize,
+}
+
+impl Req {
+    fn new(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            caller: 0,
+        }
+    }
+}
+
+/// The key strategy of these tests.
+fn by_key(req: &Req) -> Option<String> {
+    Some(req.key.clone())
+}
+
+/// The inner service's answer: `"{key}#{call}"`.
+async fn key_and_call(req: Req, n: usize) -> Result<String, Infallible> {
+    Ok(format!("{}#{n}", req.key))
+}
 
 const TTL: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(10);
@@ -38,10 +66,10 @@ fn alive_tasks() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_callers_of_one_key_make_one_inner_call() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let tasks: Vec<_> = (0..10_000)
         .map(|caller| {
@@ -61,14 +89,14 @@ async fn ten_thousand_callers_of_one_key_make_one_inner_call() {
         stats.leader + stats.joined == 10_000
     })
     .await;
-    gate.open();
+    inner.open();
 
     let responses: Vec<String> = join_all(tasks)
         .await
         .into_iter()
         .map(|r| r.expect("task").expect("response"))
         .collect();
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
     assert_eq!(responses.len(), 10_000);
     assert!(
         responses.iter().all(|r| r == "r1#1"),
@@ -80,10 +108,10 @@ async fn ten_thousand_callers_of_one_key_make_one_inner_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_of_ten_thousand_keys_each_get_their_own_keys_result() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let tasks: Vec<_> = (0..100_000)
         .map(|caller| {
@@ -106,7 +134,7 @@ async fn callers_of_ten_thousand_keys_each_get_their_own_keys_result() {
     })
     .await;
     assert_eq!(handle.stats().leader, 10_000);
-    gate.open();
+    inner.open();
 
     let mut per_key = std::collections::HashMap::new();
     for task in join_all(tasks).await {
@@ -119,17 +147,17 @@ async fn callers_of_ten_thousand_keys_each_get_their_own_keys_result() {
             .or_insert_with(std::collections::HashSet::new)
             .insert(response);
     }
-    assert_eq!(calls.get(), 10_000);
+    assert_eq!(inner.calls(), 10_000);
     assert_eq!(per_key.len(), 10_000);
     assert!(per_key.values().all(|responses| responses.len() == 1));
 }
 
 #[tokio::test(start_paused = true)]
 async fn results_are_replayed_within_the_ttl_and_refreshed_after_it() {
-    let calls = Calls::default();
+    let inner = Gated::open_now();
     let layer = layer();
     let handle = layer.handle();
-    let mut service = layer.layer(gated(calls.clone(), Gate::open_now()));
+    let mut service = layer.layer(inner.service(key_and_call));
 
     let first = service
         .ready()
@@ -147,7 +175,7 @@ async fn results_are_replayed_within_the_ttl_and_refreshed_after_it() {
         .await
         .unwrap();
     assert_eq!((first.as_str(), replayed.as_str()), ("r1#1", "r1#1"));
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
     assert_eq!(handle.stats().replayed, 1);
 
     tokio::time::advance(Duration::from_millis(1)).await;
@@ -159,15 +187,15 @@ async fn results_are_replayed_within_the_ttl_and_refreshed_after_it() {
         .await
         .unwrap();
     assert_eq!(fresh, "r1#2");
-    assert_eq!(calls.get(), 2);
+    assert_eq!(inner.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn waiters_time_out_at_exactly_the_wait_timeout_and_the_flight_goes_on() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let start = Instant::now();
     let callers: Vec<_> = (0..5)
@@ -191,20 +219,20 @@ async fn waiters_time_out_at_exactly_the_wait_timeout_and_the_flight_goes_on() {
     assert_eq!(handle.stats().timed_out, 5);
     assert_eq!(handle.stats().in_flight, 1, "the flight goes on");
 
-    gate.open();
+    inner.open();
     until(|| handle.stats().in_flight == 0).await;
     let retry = service.clone().oneshot(Req::new("r1")).await.unwrap();
     assert_eq!(retry, "r1#1", "the retry gets the replay");
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
     assert_eq!(handle.stats().replayed, 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_leader_caller_does_not_cancel_the_inner_call() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let leader = tokio::spawn(service.clone().oneshot(Req::new("r1")));
     let joiner = tokio::spawn(service.clone().oneshot(Req::new("r1")));
@@ -212,19 +240,19 @@ async fn a_dropped_leader_caller_does_not_cancel_the_inner_call() {
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
 
-    gate.open();
+    inner.open();
     assert_eq!(joiner.await.unwrap().unwrap(), "r1#1");
     let replay = service.clone().oneshot(Req::new("r1")).await.unwrap();
     assert_eq!(replay, "r1#1");
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn when_every_caller_is_gone_the_call_completes_once_and_no_task_is_left() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let callers: Vec<_> = (0..3)
         .map(|_| tokio::spawn(service.clone().oneshot(Req::new("r1"))))
@@ -238,9 +266,9 @@ async fn when_every_caller_is_gone_the_call_completes_once_and_no_task_is_left()
     }
     assert_eq!(handle.stats().in_flight, 1, "the inner call still runs");
 
-    gate.open();
+    inner.open();
     until(|| handle.stats().in_flight == 0).await;
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
     let replay = service.clone().oneshot(Req::new("r1")).await.unwrap();
     assert_eq!(replay, "r1#1", "the orphaned result is replayed");
 
@@ -255,30 +283,21 @@ async fn when_every_caller_is_gone_the_call_completes_once_and_no_task_is_left()
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_inner_call_fails_every_waiter_without_panicking_them() {
-    let calls = Calls::default();
-    let gate = Gate::closed();
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(service_fn({
-        let (calls, gate) = (calls.clone(), gate.clone());
-        move |req: Req| {
-            let n = calls.record();
-            let open = gate.wait();
-            async move {
-                open.await;
-                if n == 1 {
-                    panic!("inner service bug");
-                }
-                Ok::<_, Infallible>(format!("{}#{n}", req.key))
-            }
+    let service = layer.layer(inner.service(|req: Req, n| async move {
+        if n == 1 {
+            panic!("inner service bug");
         }
+        Ok::<_, Infallible>(format!("{}#{n}", req.key))
     }));
 
     let callers: Vec<_> = (0..4)
         .map(|_| tokio::spawn(service.clone().oneshot(Req::new("r1"))))
         .collect();
     until(|| handle.stats().joined == 3).await;
-    gate.open();
+    inner.open();
     for caller in join_all(callers).await {
         let error = caller.expect("no panic reaches a waiter").unwrap_err();
         let failed = error.downcast_ref::<LeaderFailed>().expect("LeaderFailed");
@@ -292,35 +311,26 @@ async fn a_panicking_inner_call_fails_every_waiter_without_panicking_them() {
 
     let next = service.clone().oneshot(Req::new("r1")).await.unwrap();
     assert_eq!(next, "r1#2", "the next call leads anew");
-    assert_eq!(calls.get(), 2);
+    assert_eq!(inner.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_inner_error_reaches_its_waiters_and_is_not_replayed() {
-    let calls = Calls::default();
-    let gate = Gate::closed();
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(service_fn({
-        let (calls, gate) = (calls.clone(), gate.clone());
-        move |req: Req| {
-            let n = calls.record();
-            let open = gate.wait();
-            async move {
-                open.await;
-                if n == 1 {
-                    return Err::<String, BoxError>("token store unavailable".into());
-                }
-                Ok(format!("{}#{n}", req.key))
-            }
+    let service = layer.layer(inner.service(|req: Req, n| async move {
+        if n == 1 {
+            return Err::<String, BoxError>("token store unavailable".into());
         }
+        Ok(format!("{}#{n}", req.key))
     }));
 
     let callers: Vec<_> = (0..3)
         .map(|_| tokio::spawn(service.clone().oneshot(Req::new("r1"))))
         .collect();
     until(|| handle.stats().joined == 2).await;
-    gate.open();
+    inner.open();
     for caller in join_all(callers).await {
         let error = caller.unwrap().unwrap_err();
         let shared = error
@@ -333,7 +343,7 @@ async fn an_inner_error_reaches_its_waiters_and_is_not_replayed() {
 
     let next = service.clone().oneshot(Req::new("r1")).await.unwrap();
     assert_eq!(next, "r1#2");
-    assert_eq!(calls.get(), 2);
+    assert_eq!(inner.calls(), 2);
 }
 
 /// Sets a flag when dropped: shows that the hard cap drops (aborts) the inner future.
@@ -347,17 +357,16 @@ impl Drop for DropFlag {
 
 #[tokio::test(start_paused = true)]
 async fn the_hard_cap_aborts_a_hung_inner_call() {
-    let calls = Calls::default();
+    let inner = Gated::open_now();
     let dropped = Arc::new(AtomicBool::new(false));
     let layer = RefreshCoalesceLayer::builder(by_key)
         .hard_cap(Duration::from_secs(5))
         .wait_timeout(Duration::from_secs(60))
         .build();
     let handle = layer.handle();
-    let service = layer.layer(service_fn({
-        let (calls, dropped) = (calls.clone(), dropped.clone());
-        move |_req: Req| {
-            calls.record();
+    let service = layer.layer(inner.service({
+        let dropped = dropped.clone();
+        move |_req: Req, _n| {
             let flag = DropFlag(dropped.clone());
             async move {
                 let _flag = flag;
@@ -382,15 +391,15 @@ async fn the_hard_cap_aborts_a_hung_inner_call() {
         "the hung inner future was dropped"
     );
     assert_eq!((handle.stats().entries, handle.stats().in_flight), (0, 0));
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_waiter_cap_answers_overloaded_at_once() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = RefreshCoalesceLayer::builder(by_key).max_waiters(3).build();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let admitted: Vec<_> = (0..3)
         .map(|_| tokio::spawn(service.clone().oneshot(Req::new("r1"))))
@@ -405,19 +414,19 @@ async fn the_waiter_cap_answers_overloaded_at_once() {
     );
     assert_eq!(handle.stats().overloaded, 1);
 
-    gate.open();
+    inner.open();
     for caller in join_all(admitted).await {
         assert_eq!(caller.unwrap().unwrap(), "r1#1");
     }
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_entry_cap_answers_overloaded_at_once() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = RefreshCoalesceLayer::builder(by_key).max_entries(2).build();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let a = tokio::spawn(service.clone().oneshot(Req::new("a")));
     let b = tokio::spawn(service.clone().oneshot(Req::new("b")));
@@ -430,12 +439,12 @@ async fn the_entry_cap_answers_overloaded_at_once() {
         Some(Limit::Entries)
     );
     assert_eq!(
-        calls.get(),
+        inner.calls(),
         2,
         "the refused key never reached the inner service"
     );
 
-    gate.open();
+    inner.open();
     assert_eq!(a.await.unwrap().unwrap(), "a#1");
     assert_eq!(b.await.unwrap().unwrap(), "b#2");
     // Expired replays make room again once the background sweep has run.
@@ -445,10 +454,10 @@ async fn the_entry_cap_answers_overloaded_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn invalidation_removes_a_replay() {
-    let calls = Calls::default();
+    let inner = Gated::open_now();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), Gate::open_now()));
+    let service = layer.layer(inner.service(key_and_call));
 
     assert_eq!(
         service.clone().oneshot(Req::new("r1")).await.unwrap(),
@@ -460,20 +469,20 @@ async fn invalidation_removes_a_replay() {
         service.clone().oneshot(Req::new("r1")).await.unwrap(),
         "r1#2"
     );
-    assert_eq!(calls.get(), 2);
+    assert_eq!(inner.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_flight_invalidated_while_running_is_not_replayed() {
-    let (calls, gate) = (Calls::default(), Gate::closed());
+    let inner = Gated::closed();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), gate.clone()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let waiter = tokio::spawn(service.clone().oneshot(Req::new("r1")));
     until(|| handle.stats().leader == 1).await;
     assert!(handle.invalidate(&Fingerprint::from("r1")));
-    gate.open();
+    inner.open();
     // `CloneResponse` rejects with the layer's own error, as a `BoxError`.
     let refused = waiter.await.unwrap().expect_err("its caller is refused");
     assert_eq!(
@@ -487,7 +496,7 @@ async fn a_flight_invalidated_while_running_is_not_replayed() {
         refused.to_string(),
         "coalesced call was revoked by an invalidation while it ran"
     );
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
     until(|| handle.stats().in_flight == 0).await;
     assert_eq!(handle.stats().entries, 0);
 
@@ -522,16 +531,14 @@ impl Extract<(String, String)> for ByTokenInGroup {
 
 #[tokio::test(start_paused = true)]
 async fn invalidating_a_group_removes_each_of_its_entries_and_only_those() {
-    let calls = Calls::default();
+    let inner = Gated::open_now();
     let layer = RefreshCoalesceLayer::new(ByTokenInGroup);
     let handle = layer.handle();
-    let service = layer.layer(service_fn({
-        let calls = calls.clone();
-        move |(user, token): (String, String)| {
-            let n = calls.record();
-            async move { Ok::<_, Infallible>(format!("{user}/{token}#{n}")) }
-        }
-    }));
+    let service = layer.layer(
+        inner.service(|(user, token): (String, String), n| async move {
+            Ok::<_, Infallible>(format!("{user}/{token}#{n}"))
+        }),
+    );
     let call =
         |user: &str, token: &str| service.clone().oneshot((user.to_owned(), token.to_owned()));
 
@@ -556,16 +563,16 @@ async fn invalidating_a_group_removes_each_of_its_entries_and_only_those() {
 
 #[tokio::test(start_paused = true)]
 async fn the_table_is_empty_after_quiescence_and_the_ttl() {
-    let calls = Calls::default();
+    let inner = Gated::open_now();
     let layer = layer();
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), Gate::open_now()));
+    let service = layer.layer(inner.service(key_and_call));
 
     let callers = (0..1_000).map(|i| service.clone().oneshot(Req::new(format!("k{}", i % 100))));
     for result in join_all(callers).await {
         result.unwrap();
     }
-    assert_eq!(calls.get(), 100);
+    assert_eq!(inner.calls(), 100);
     assert_eq!((handle.stats().entries, handle.stats().in_flight), (100, 0));
 
     tokio::time::sleep(TTL + Duration::from_secs(1)).await;
@@ -579,27 +586,27 @@ async fn the_table_is_empty_after_quiescence_and_the_ttl() {
 
 #[tokio::test(start_paused = true)]
 async fn every_service_of_one_layer_and_every_clone_share_one_table() {
-    let calls = Calls::default();
+    let inner = Gated::open_now();
     let layer = layer();
-    let first = layer.layer(gated(calls.clone(), Gate::open_now()));
-    let second = layer.clone().layer(gated(calls.clone(), Gate::open_now()));
+    let first = layer.layer(inner.service(key_and_call));
+    let second = layer.clone().layer(inner.service(key_and_call));
 
     assert_eq!(first.clone().oneshot(Req::new("r1")).await.unwrap(), "r1#1");
     assert_eq!(
         second.clone().oneshot(Req::new("r1")).await.unwrap(),
         "r1#1"
     );
-    assert_eq!(calls.get(), 1);
+    assert_eq!(inner.calls(), 1);
     assert_eq!(layer.handle().stats().replayed, 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn requests_without_a_key_bypass_the_table() {
-    let calls = Calls::default();
+    let inner = Gated::open_now();
     let layer =
         RefreshCoalesceLayer::new(|req: &Req| (!req.key.is_empty()).then(|| req.key.clone()));
     let handle = layer.handle();
-    let service = layer.layer(gated(calls.clone(), Gate::open_now()));
+    let service = layer.layer(inner.service(key_and_call));
 
     assert_eq!(service.clone().oneshot(Req::new("")).await.unwrap(), "#1");
     assert_eq!(service.clone().oneshot(Req::new("")).await.unwrap(), "#2");

@@ -66,7 +66,7 @@ enum Got {
     Led(Waiter, FlightGuard),
     Joined(Waiter),
     Replayed(Value),
-    Refused(BoxError),
+    Refused(Refused),
 }
 
 /// One request as `future::begin` makes it: find, then lead if the key was vacant. The
@@ -93,13 +93,13 @@ fn request(table: &Arc<Table>, key: Fingerprint, admission: Admission) -> Got {
 
 /// What any thread may see at any time: at most `flights` running, `entries` stored.
 fn observe(table: &Table, flights: u64, entries: u64) {
-    let stats = table.stats(false);
+    let stats = table.gauges();
     assert!(stats.in_flight <= flights, "{} in flight", stats.in_flight);
     assert!(stats.entries <= entries, "{} entries", stats.entries);
 }
 
 fn in_flight(table: &Table) -> u64 {
-    table.stats(false).in_flight
+    table.gauges().in_flight
 }
 
 /// No entry, no flight, and the counts agree.
@@ -133,7 +133,7 @@ fn loom_leader_joiner_late_arrival() {
                     Ok(Found::Vacant) => None,
                     Ok(Found::Join(waiter)) => Some(Err(waiter.id)),
                     Ok(Found::Replay(value)) => Some(Ok(read(&value))),
-                    Err(error) => panic!("late arrival refused: {error}"),
+                    Err(error) => panic!("late arrival refused: {error:?}"),
                 };
                 observe(&table, 1, 1);
                 seen
@@ -149,7 +149,7 @@ fn loom_leader_joiner_late_arrival() {
                 Got::Replayed(v) => {
                     panic!("replay of {} before the flight completed", read(&v))
                 }
-                Got::Refused(error) => panic!("refused: {error}"),
+                Got::Refused(error) => panic!("refused: {error:?}"),
             }
         }
         let (waiter, guard) = leader.expect("one leader");
@@ -398,8 +398,7 @@ fn loom_leaders_race_for_the_last_place() {
         let [Got::Led(..), Got::Refused(error)] = &got[..] else {
             panic!("not exactly one leader")
         };
-        let limit = error.downcast_ref::<Overloaded>().map(Overloaded::limit);
-        assert_eq!(limit, Some(Limit::Entries));
+        assert_eq!(*error, Refused::Full(Limit::Entries));
         assert_eq!(table.len(), 1);
         table.check_consistency();
     });
@@ -409,7 +408,8 @@ fn loom_leaders_race_for_the_last_place() {
 fn join(table: &Table, k: &Fingerprint) -> Result<Waiter, Limit> {
     match table.find(k) {
         Ok(Found::Join(waiter)) => Ok(waiter),
-        Err(error) => Err(error.downcast::<Overloaded>().unwrap().limit()),
+        Err(Refused::Full(limit)) => Err(limit),
+        Err(Refused::Expired) => panic!("no entry expires here"),
         Ok(_) => panic!("the flight is running"),
     }
 }

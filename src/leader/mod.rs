@@ -178,7 +178,7 @@ where
         return Ok((value, replay));
     }
     let generation_life = remote.generation_life(ttl);
-    match remote
+    let plan = remote
         .elect(
             &key,
             group.as_ref(),
@@ -186,11 +186,25 @@ where
             generation_life,
             counters,
         )
-        .await
-    {
+        .await;
+    match plan {
+        // The store cannot be reached: refuse if the layer requires it, else call the inner
+        // service on this instance alone (at most one call per instance for the key).
+        Plan::Local | Plan::Unreachable(_) if remote.required => {
+            if let Plan::Unreachable(fence) = &plan {
+                remote.release_later(&key, fence);
+            }
+            Err(Failure::StoreUnavailable)
+        }
         Plan::Local => {
             let value = call(flights, inner, request).await;
             let replay = replay_for(&value, ttl);
+            Ok((value, replay))
+        }
+        Plan::Unreachable(fence) => {
+            let value = call(flights, inner, request).await;
+            let replay = replay_for(&value, ttl);
+            remote.release_later(&key, &fence);
             Ok((value, replay))
         }
         Plan::Follow(leader, started) => {

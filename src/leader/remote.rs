@@ -10,20 +10,24 @@ use crate::{
     key::Fingerprint,
     metrics::StoreCounters,
     store::{
-        Completed, Election, Fence, Generations, Invalidation, Keep, Store, StoreError, Stored,
-        Waited,
+        Completed, Election, Fence, Generations, Invalidation, Keep, Store, StoreError,
+        StoreErrorKind, Stored, Waited,
     },
 };
 
 /// What a flight does after asking the store.
 pub(crate) enum Plan {
-    /// Call the inner service and keep the result in this process (no store, or the
-    /// breaker is open).
+    /// Call the inner service and keep the result in this process: the breaker is open, so
+    /// the store is skipped for a while.
     Local,
+    /// The election failed: the lock (under this fence) may or may not have been taken.
+    /// Call the inner service and keep the result in this process, releasing the lock, or
+    /// refuse when the layer requires the store.
+    Unreachable(Fence),
     /// Call the inner service and store the result under this fence, if the generations
-    /// it started under are still current. `None`: the election or the read of the group's
-    /// generation failed, so the generations are unknown and nothing is stored (the lock, if
-    /// it was taken, is released).
+    /// it started under are still current. `None`: the read of the group's generation (or
+    /// remembering the key under its tag) failed, so the generations are unknown and
+    /// nothing is stored (the lock is released).
     Lead(Fence, Option<Generations>),
     /// Wait for the result of the flight fenced so, elected under these generations; never
     /// call the inner service.
@@ -53,14 +57,27 @@ pub(crate) struct Remote {
     breaker: Breaker,
     /// How long the election lock lives: longer than the hard cap.
     lease: Duration,
+    /// How long a leader keeps trying to store its result: as long as followers wait.
+    write_budget: Duration,
+    /// Refuse, rather than call the inner service on this instance alone, while the store
+    /// cannot be reached.
+    pub(crate) required: bool,
 }
 
 impl Remote {
-    pub(crate) fn new(store: Arc<dyn Store>, breaker: Breaker, lease: Duration) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        breaker: Breaker,
+        lease: Duration,
+        write_budget: Duration,
+        required: bool,
+    ) -> Self {
         Self {
             store,
             breaker,
             lease,
+            write_budget,
+            required,
         }
     }
 
@@ -74,25 +91,35 @@ impl Remote {
         self.lease + ttl + Duration::from_secs(5)
     }
 
-    /// Sends an invalidation to the store, once more if the first attempt fails: a lost
-    /// invalidation would let another instance replay a revoked result.
+    /// Sends an invalidation to the store, and again, backing off, while the store cannot be
+    /// reached or its replicas did not acknowledge it, for as long as a leader would try to
+    /// store a result: a lost invalidation would let another instance replay a revoked
+    /// result.
     pub(crate) async fn invalidate(&self, invalidation: &Invalidation, life: Duration) {
-        for attempt in 1..=2 {
+        let deadline = Instant::now() + self.write_budget;
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1.. {
             let result = match invalidation {
                 Invalidation::Key(key) => self.store.invalidate(key, life).await,
                 Invalidation::Group(group) => self.store.invalidate_group(group, life).await,
             };
             match result {
                 Ok(()) => return,
-                Err(error) if attempt == 1 => {
-                    tracing::info!(%error, "invalidation failed in the coordination store: retrying");
+                Err(error) if retryable(&error) && Instant::now() + delay < deadline => {
+                    tracing::info!(%error, attempt, "invalidation failed in the coordination store: retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
                 }
-                Err(error) => tracing::warn!(
-                    %error,
-                    source = ?std::error::Error::source(&error),
-                    "invalidation did not reach the coordination store: other instances may \
-                     replay until their TTL"
-                ),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        source = ?std::error::Error::source(&error),
+                        attempt,
+                        "invalidation did not reach the coordination store: other instances may \
+                         replay until their TTL"
+                    );
+                    return;
+                }
             }
         }
     }
@@ -194,6 +221,7 @@ impl Remote {
             Ok(Election::Won { generation }) => {
                 self.record(Ok(()), counters);
                 StoreCounters::add(&counters.won, "won");
+                self.replicate(key, counters).await;
                 Plan::Lead(fence, known.then(|| generations(generation)))
             }
             Ok(Election::Lost { leader, generation }) => {
@@ -203,11 +231,24 @@ impl Remote {
             }
             Err(error) => {
                 // The lock may or may not be ours (a command can time out after Redis ran
-                // it). Lead locally, at most one call per instance; without the key's
-                // generation the result cannot be stored safely, so the lock is released.
+                // it); without the key's generation no result can be stored safely.
                 self.record::<()>(Err(error), counters);
-                Plan::Lead(fence, None)
+                Plan::Unreachable(fence)
             }
+        }
+    }
+
+    /// Step 2 of a leader: waits until the store's replicas hold its lock, so that a
+    /// failover of the store does not hand the key to a second leader. A lock the replicas
+    /// did not acknowledge in time is counted and logged, and the leader goes on.
+    async fn replicate(&self, key: &Fingerprint, counters: &StoreCounters) {
+        let replicated = self.store.replicate(key).await;
+        if self.record(replicated, counters) == Some(false) {
+            StoreCounters::add(&counters.unreplicated, "unreplicated");
+            tracing::warn!(
+                "the store's replicas did not acknowledge the election in time: a failover \
+                 now could elect a second leader"
+            );
         }
     }
 
@@ -249,6 +290,10 @@ impl Remote {
     /// callers need the stored result, not the release, and followers were woken by the
     /// completion. A stored flight outcome or a revoked result has released the lock
     /// already.
+    ///
+    /// When the store cannot be reached (a failover, say), the leader's own callers are
+    /// answered at once, and the write is retried in the background until the followers'
+    /// wait is over, so that the followers on other instances still receive the result.
     pub(crate) async fn finish(
         &self,
         key: &Fingerprint,
@@ -258,28 +303,52 @@ impl Remote {
         started: Option<&Generations>,
         counters: &StoreCounters,
     ) -> Finished {
-        let mut finished = Finished::Own;
-        if let (Some((value, keep)), Some(started)) = (value, started) {
-            // Storing a flight's outcome released the lock in the same step.
-            let releases = matches!(keep, Keep::Flight { .. });
-            let completed = self
-                .store
-                .complete(key, fence, seal, value, keep, started)
-                .await;
-            let released = match &completed {
-                Ok(Completed::Revoked) => true,
-                Ok(_) => releases,
-                Err(_) => false,
-            };
-            finished = match self.record(completed, counters) {
-                Some(Completed::Existing(stored)) => Finished::Existing(stored),
-                Some(Completed::Revoked) => Finished::Revoked,
-                Some(_) | None => Finished::Own,
-            };
-            if released {
-                return finished;
+        let (Some((value, keep)), Some(started)) = (value, started) else {
+            self.release_later(key, fence);
+            return Finished::Own;
+        };
+        let retry = Completion {
+            key: *key,
+            fence: fence.clone(),
+            seal: *seal,
+            value: value.clone(),
+            keep: keep.clone(),
+            started: *started,
+        };
+        let completed = self
+            .store
+            .complete(key, fence, seal, value, keep, started)
+            .await;
+        match completed {
+            Err(error) if retryable(&error) => {
+                self.record::<()>(Err(error), counters);
+                let deadline = Instant::now() + self.write_budget;
+                tokio::spawn(retry.retry(self.store.clone(), deadline));
+                Finished::Own
+            }
+            completed => {
+                // Storing a flight's outcome or a revoked result released the lock in the
+                // same step.
+                let released = match &completed {
+                    Ok(Completed::Revoked) => true,
+                    Ok(_) => matches!(retry.keep, Keep::Flight { .. }),
+                    Err(_) => false,
+                };
+                let finished = match self.record(completed, counters) {
+                    Some(Completed::Existing(stored)) => Finished::Existing(stored),
+                    Some(Completed::Revoked) => Finished::Revoked,
+                    Some(_) | None => Finished::Own,
+                };
+                if !released {
+                    self.release_later(key, fence);
+                }
+                finished
             }
         }
+    }
+
+    /// Releases the lock of `key` in the background, if `fence` still holds it.
+    pub(crate) fn release_later(&self, key: &Fingerprint, fence: &Fence) {
         let (store, key, fence) = (self.store.clone(), *key, fence.clone());
         tokio::spawn(async move {
             if let Err(error) = store.release(&key, &fence).await {
@@ -287,7 +356,74 @@ impl Remote {
                 tracing::debug!(%error, "the election lock was not released");
             }
         });
-        finished
+    }
+}
+
+/// Whether a failed command may succeed when sent again soon: the store was unreachable or
+/// late (a failover), not refusing the command.
+fn retryable(error: &StoreError) -> bool {
+    matches!(
+        error.kind(),
+        StoreErrorKind::Unreachable | StoreErrorKind::Timeout
+    )
+}
+
+/// A leader's result that the store did not take yet.
+struct Completion {
+    key: Fingerprint,
+    fence: Fence,
+    seal: [u8; 32],
+    value: Vec<u8>,
+    keep: Keep,
+    started: Generations,
+}
+
+impl Completion {
+    /// Sends the result again, backing off, until the store takes it or `deadline` (after
+    /// which no follower waits for it); then releases the lock if the completion did not.
+    /// Storing is idempotent: a first attempt that ran after all finds its own replay.
+    async fn retry(self, store: Arc<dyn Store>, deadline: Instant) {
+        let mut delay = Duration::from_millis(50);
+        let mut attempts = 1;
+        let released = loop {
+            tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    attempts,
+                    "the result was not stored before the followers' wait ended"
+                );
+                break false;
+            }
+            delay = (delay * 2).min(Duration::from_millis(500));
+            attempts += 1;
+            let completed = store
+                .complete(
+                    &self.key,
+                    &self.fence,
+                    &self.seal,
+                    self.value.clone(),
+                    self.keep.clone(),
+                    &self.started,
+                )
+                .await;
+            match completed {
+                Ok(completed) => {
+                    tracing::info!(attempts, "the result was stored after the store came back");
+                    break matches!(completed, Completed::Revoked)
+                        || matches!(self.keep, Keep::Flight { .. });
+                }
+                Err(error) if retryable(&error) => {
+                    tracing::debug!(%error, attempts, "storing the result failed: retrying");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "storing the result failed");
+                    break false;
+                }
+            }
+        };
+        if !released && let Err(error) = store.release(&self.key, &self.fence).await {
+            tracing::debug!(%error, "the election lock was not released");
+        }
     }
 }
 

@@ -290,7 +290,7 @@ pub type Listener = Arc<dyn Fn(&Invalidation) + Send + Sync>;
 /// Values are opaque bytes, already sealed where the backend is not trusted: `seal` is a
 /// per-token secret the backend mixes into its encryption key ([`RedisStore`] does; the
 /// in-process [`MemoryStore`] ignores it). Key names must be derived from the fingerprint
-/// only. One conformance suite (`tests/store_conformance.rs`) runs against every backend.
+/// only. One conformance suite (`tests/store_conformance/`) runs against every backend.
 pub trait Store: Send + Sync + 'static {
     /// The replay stored for `key`, if any, and only if it is still live, opens with `seal`
     /// and was stored under the key's current generation and, when `group` is given, the
@@ -321,6 +321,16 @@ pub trait Store: Send + Sync + 'static {
         fence: &'a Fence,
         lease: Duration,
     ) -> StoreFuture<'a, Election>;
+
+    /// Waits until the election of `key` that this instance just won would survive a
+    /// failover of the store, as far as the store can make it: [`RedisStore`] waits until
+    /// its configured number of replicas acknowledged the lock (`WAIT`, see
+    /// [`RedisStoreBuilder::min_replicas`]). Returns whether they did within the budget; a
+    /// store without replicas answers `true` at once, as this default does.
+    fn replicate<'a>(&'a self, key: &'a Fingerprint) -> StoreFuture<'a, bool> {
+        let _ = key;
+        Box::pin(async { Ok(true) })
+    }
 
     /// Stores the leader's result and wakes the waiters, in one step, if the key's generation
     /// is still `started.key`; a stored replay is also added to its group, and withdrawn

@@ -584,8 +584,4 @@ mod key;
 mod replay;
 
 #[cfg(test)]
-#[path = "../../tests/support/dpop.rs"]
-mod support;
-
-#[cfg(test)]
 mod tests;

@@ -1,9 +1,9 @@
 //! Signing DPoP proofs (RFC 9449) for tests, with fixed keys generated once with `openssl
 //! genpkey` for tests only.
 //!
-//! Also compiled into the unit tests of `src/token/dpop.rs`, so it uses only crates that the
-//! library itself depends on with the `jwt` feature.
-#![cfg(feature = "jwt")]
+//! Also compiled into the unit tests of `src/token/dpop.rs` (from this path), so it uses only
+//! crates that the library itself depends on with the `jwt` feature; there, unused helpers
+//! and `pub` items of a private module are expected.
 #![allow(dead_code, unreachable_pub)]
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};

@@ -1,6 +1,5 @@
 //! Minting refresh tokens for tests: well-formed ones with `jsonwebtoken`, broken ones by
 //! hand.
-#![allow(dead_code, unreachable_pub)]
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -17,11 +16,14 @@ use sha2::Sha256;
 pub const SECRET: &[u8] = b"test signing secret, 32 bytes ok";
 /// The `typ` header of refresh tokens.
 pub const REFRESH_TYP: &str = "refresh+jwt";
-/// A 2048-bit RSA key pair and an unrelated private key.
+/// A 2048-bit RSA private key (PKCS#8 PEM).
 pub const RSA_PRIVATE: &[u8] = include_bytes!("keys/rsa_private.pem");
+/// The public key of [`RSA_PRIVATE`] (PEM).
 pub const RSA_PUBLIC: &[u8] = include_bytes!("keys/rsa_public.pem");
+/// Another 2048-bit RSA private key, unrelated to [`RSA_PRIVATE`].
 pub const RSA_OTHER_PRIVATE: &[u8] = include_bytes!("keys/rsa_other_private.pem");
 
+/// Seconds since the Unix epoch.
 pub fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -40,13 +40,15 @@ use std::{
 };
 
 use redis::{
-    AsyncCommands, Client,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    AsyncCommands, Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisError,
+    aio::ConnectionManagerConfig,
+    cluster::ClusterClientBuilder,
+    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
 use tokio::sync::Notify;
 
-use self::{connection::Connection, names::Names, scripts::Scripts};
-use super::{Fence, Generations, Listener, StoreError, Stored, seal::Sealer};
+use self::{connection::Connection, names::Names, pubsub::Source, scripts::Scripts};
+use super::{Fence, Generations, Listener, StoreError, StoreErrorKind, Stored, seal::Sealer};
 use crate::key::Fingerprint;
 
 mod connection;
@@ -58,16 +60,53 @@ mod scripts;
 const KIND_REPLAY: u8 = 1;
 const KIND_FLIGHT: u8 = 0;
 
-/// Builds a [`RedisStore`]; start with [`RedisStore::builder`].
+/// Builds a [`RedisStore`]; start with [`RedisStore::standalone`], [`RedisStore::sentinel`]
+/// or [`RedisStore::cluster`].
 pub struct RedisStoreBuilder {
-    client: Client,
+    topology: Topology,
     secret: Vec<u8>,
     prefix: String,
     command_timeout: Duration,
     poll_interval: Duration,
+    min_replicas: Option<u32>,
+}
+
+/// Where the store's Redis is, as the builder received it.
+enum Topology {
+    Standalone(Client),
+    Sentinel {
+        sentinels: Vec<ConnectionInfo>,
+        master: String,
+        node: Option<SentinelNodeConnectionInfo>,
+    },
+    Cluster(Vec<ConnectionInfo>),
+    /// The addresses did not parse: `build` reports it.
+    Invalid(RedisError),
+}
+
+impl Topology {
+    fn name(&self) -> &'static str {
+        match self {
+            Topology::Standalone(_) => "standalone",
+            Topology::Sentinel { .. } => "sentinel",
+            Topology::Cluster(_) => "cluster",
+            Topology::Invalid(_) => "invalid",
+        }
+    }
 }
 
 impl RedisStoreBuilder {
+    fn new(topology: Topology, secret: &[u8]) -> Self {
+        Self {
+            topology,
+            secret: secret.to_vec(),
+            prefix: "rc".to_owned(),
+            command_timeout: Duration::from_millis(100),
+            poll_interval: Duration::from_millis(250),
+            min_replicas: None,
+        }
+    }
+
     /// The prefix of every key and channel. Default: `rc`.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -91,22 +130,80 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How many replicas must acknowledge an election before its leader calls the inner
+    /// service (`WAIT replicas timeout`, right after the lock is taken, waiting at most half
+    /// the command budget). Replication
+    /// is asynchronous: a master that fails before its replica received the lock hands the
+    /// next election to a second leader, whose refresh presents a token the first one is
+    /// rotating. Waiting closes that window as far as the replicas acknowledge in time; a
+    /// leader whose replicas do not acknowledge within the budget goes on, and is counted
+    /// in [`Stats::store_unreplicated`](crate::Stats::store_unreplicated).
+    ///
+    /// Default: 0 standalone, 1 with Sentinel and in a cluster (set 0 for a cluster without
+    /// replicas, where every election would otherwise wait out the budget).
+    #[must_use]
+    pub fn min_replicas(mut self, replicas: u32) -> Self {
+        self.min_replicas = Some(replicas);
+        self
+    }
+
+    /// For Sentinel: how to connect to the master and replicas the sentinels name (their
+    /// credentials, TLS). Default: as the sentinels' own addresses say. No effect on other
+    /// topologies.
+    #[must_use]
+    pub fn sentinel_node(mut self, node: SentinelNodeConnectionInfo) -> Self {
+        if let Topology::Sentinel { node: slot, .. } = &mut self.topology {
+            *slot = Some(node);
+        }
+        self
+    }
+
     /// Builds the store. It does not wait for Redis: connections are made in the background
     /// and the layer starts even when Redis is down. Must be called inside a Tokio runtime.
     ///
-    /// A secret shorter than [`MIN_SECRET_LEN`](crate::MIN_SECRET_LEN) (32) bytes is refused.
+    /// A secret shorter than [`MIN_SECRET_LEN`](crate::MIN_SECRET_LEN) (32) bytes is refused,
+    /// and so are addresses that do not parse.
     pub fn build(self) -> Result<RedisStore, StoreError> {
         crate::key::check_secret(&self.secret).map_err(StoreError::new)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.command_timeout))
-            .set_connection_timeout(Some(self.command_timeout.max(Duration::from_millis(250))))
+            .set_connection_timeout(Some(self.connect_timeout()))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map(Connection)
-            .map_err(StoreError::new)?;
+        let topology = self.topology.name();
+        let connect_timeout = self.connect_timeout();
+        let (connection, source, min_replicas) = match self.topology {
+            Topology::Invalid(error) => return Err(StoreError::new(error)),
+            Topology::Standalone(client) => {
+                let connection =
+                    Connection::standalone(client.clone(), config).map_err(StoreError::new)?;
+                (connection, Source::Standalone(client), 0)
+            }
+            Topology::Sentinel {
+                sentinels,
+                master,
+                node,
+            } => {
+                let sentinels =
+                    SentinelClient::build(sentinels, master, node, SentinelServerType::Master)
+                        .map_err(StoreError::new)?;
+                let sentinels = Arc::new(tokio::sync::Mutex::new(sentinels));
+                let connection = Connection::sentinel(sentinels.clone(), config);
+                (connection, Source::Sentinel(sentinels), 1)
+            }
+            Topology::Cluster(nodes) => {
+                let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
+                let client = ClusterClientBuilder::new(nodes)
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(pushes)
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(self.command_timeout)
+                    .build()
+                    .map_err(StoreError::new)?;
+                (Connection::cluster(client), Source::Cluster(received), 1)
+            }
+        };
         let inner = Arc::new(Inner {
-            client: self.client,
             connection,
             sealer: Sealer::new(&self.secret),
             names: Names {
@@ -114,22 +211,31 @@ impl RedisStoreBuilder {
             },
             command_timeout: self.command_timeout,
             poll_interval: self.poll_interval,
+            min_replicas: self.min_replicas.unwrap_or(min_replicas),
+            topology,
             waiters: Mutex::new(HashMap::new()),
             subscribed: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
             scripts: Scripts::new(),
         });
-        tokio::spawn(pubsub::subscribe_loop(Arc::downgrade(&inner)));
+        tokio::spawn(pubsub::subscribe_loop(Arc::downgrade(&inner), source));
         Ok(RedisStore { inner })
+    }
+
+    /// How long making a connection may take: the command budget, at least 250 ms.
+    fn connect_timeout(&self) -> Duration {
+        self.command_timeout.max(Duration::from_millis(250))
     }
 }
 
 impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStoreBuilder")
+            .field("topology", &self.topology.name())
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
             .field("poll_interval", &self.poll_interval)
+            .field("min_replicas", &self.min_replicas)
             .finish_non_exhaustive()
     }
 }
@@ -157,12 +263,14 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: Client,
     connection: Connection,
     sealer: Sealer,
     names: Names,
     command_timeout: Duration,
     poll_interval: Duration,
+    /// Replicas that must acknowledge an election.
+    min_replicas: u32,
+    topology: &'static str,
     /// Local waiters by key: the pub/sub task wakes them.
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
     subscribed: AtomicBool,
@@ -185,6 +293,35 @@ enum Opened {
     Nothing,
 }
 
+/// Fewer replicas acknowledged a write than the store requires.
+#[derive(Debug)]
+struct Unreplicated {
+    acknowledged: u32,
+    required: u32,
+}
+
+impl fmt::Display for Unreplicated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} of {} replicas acknowledged the write",
+            self.acknowledged, self.required
+        )
+    }
+}
+
+impl std::error::Error for Unreplicated {}
+
+/// Addresses, parsed.
+fn parse<T: IntoConnectionInfo>(
+    addresses: impl IntoIterator<Item = T>,
+) -> Result<Vec<ConnectionInfo>, RedisError> {
+    addresses
+        .into_iter()
+        .map(IntoConnectionInfo::into_connection_info)
+        .collect()
+}
+
 /// Milliseconds since the Unix epoch, the clock of sealed expiries.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -194,15 +331,47 @@ fn unix_ms() -> u64 {
 }
 
 impl RedisStore {
-    /// A builder for a store on `client`'s Redis, sealing values with `secret`.
+    /// A builder for a store on the standalone Redis of `client`, sealing values with
+    /// `secret`.
+    pub fn standalone(client: Client, secret: impl AsRef<[u8]>) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(Topology::Standalone(client), secret.as_ref())
+    }
+
+    /// The same as [`standalone`](Self::standalone).
     pub fn builder(client: Client, secret: impl AsRef<[u8]>) -> RedisStoreBuilder {
-        RedisStoreBuilder {
-            client,
-            secret: secret.as_ref().to_vec(),
-            prefix: "rc".to_owned(),
-            command_timeout: Duration::from_millis(100),
-            poll_interval: Duration::from_millis(250),
-        }
+        Self::standalone(client, secret)
+    }
+
+    /// A builder for a store on the master that the `sentinels` (their addresses, such as
+    /// `redis://10.0.0.5:26379/`) name `master`, following it through failovers.
+    pub fn sentinel<T: IntoConnectionInfo>(
+        sentinels: impl IntoIterator<Item = T>,
+        master: impl Into<String>,
+        secret: impl AsRef<[u8]>,
+    ) -> RedisStoreBuilder {
+        let topology = match parse(sentinels) {
+            Ok(sentinels) => Topology::Sentinel {
+                sentinels,
+                master: master.into(),
+                node: None,
+            },
+            Err(error) => Topology::Invalid(error),
+        };
+        RedisStoreBuilder::new(topology, secret.as_ref())
+    }
+
+    /// A builder for a store on the Redis Cluster that `seeds` (some of its nodes, such as
+    /// `redis://10.0.0.7:6379/`) belong to. Commands go to their slot's master over RESP3
+    /// and follow `MOVED` and failovers.
+    pub fn cluster<T: IntoConnectionInfo>(
+        seeds: impl IntoIterator<Item = T>,
+        secret: impl AsRef<[u8]>,
+    ) -> RedisStoreBuilder {
+        let topology = match parse(seeds) {
+            Ok(seeds) => Topology::Cluster(seeds),
+            Err(error) => Topology::Invalid(error),
+        };
+        RedisStoreBuilder::new(topology, secret.as_ref())
     }
 
     /// Whether the pub/sub connection is subscribed now (waiters poll either way).
@@ -214,6 +383,7 @@ impl RedisStore {
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
+            .field("topology", &self.inner.topology)
             .field("prefix", &self.inner.names.prefix)
             .field("subscribed", &self.is_subscribed())
             .finish_non_exhaustive()
@@ -227,9 +397,48 @@ impl Inner {
         command: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.command_timeout, command).await {
-            Ok(result) => result.map_err(StoreError::new),
+            Ok(result) => result.map_err(connection::store_error),
             Err(_) => Err(StoreError::timeout(self.command_timeout)),
         }
+    }
+
+    /// How many replicas acknowledged the writes made through this store's connection to the
+    /// node that holds `key`, waiting for `min_replicas` of them at most half the command
+    /// budget: `WAIT` blocks on the server for its own timeout, and its answer must still
+    /// arrive within the budget (the connection's response timeout).
+    async fn acknowledged(&self, key: &str) -> Result<u32, StoreError> {
+        let wait =
+            self.connection
+                .wait_for_replicas(key, self.min_replicas, self.command_timeout / 2);
+        self.run(wait).await
+    }
+
+    /// Succeeds once `min_replicas` replicas acknowledged the writes to the nodes of `keys`
+    /// (an invalidation's generations), so that a failover does not undo them; fails as
+    /// unreachable otherwise, for the caller to send the invalidation again.
+    async fn replicated(&self, keys: &[String]) -> Result<(), StoreError> {
+        if self.min_replicas == 0 {
+            return Ok(());
+        }
+        // Outside a cluster every key lives on the one master.
+        let nodes = if self.connection.is_cluster() {
+            keys.len()
+        } else {
+            1
+        };
+        for key in &keys[..nodes.min(keys.len())] {
+            let acknowledged = self.acknowledged(key).await?;
+            if acknowledged < self.min_replicas {
+                return Err(StoreError::with_kind(
+                    StoreErrorKind::Unreachable,
+                    Unreplicated {
+                        acknowledged,
+                        required: self.min_replicas,
+                    },
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A sealed value read with `pttl` left, if it opens with `seal` and is live; revoked

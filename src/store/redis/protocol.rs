@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use tokio::time::Instant;
 
 use super::{Inner, KIND_FLIGHT, KIND_REPLAY, Opened, Read, RedisStore, scripts::REVOKED, unix_ms};
@@ -104,6 +105,17 @@ impl Store for RedisStore {
                     generation,
                 },
             })
+        })
+    }
+
+    fn replicate<'a>(&'a self, key: &'a Fingerprint) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            if inner.min_replicas == 0 {
+                return Ok(true);
+            }
+            let acknowledged = inner.acknowledged(&inner.names.key(key, "lock")).await?;
+            Ok(acknowledged >= inner.min_replicas)
         })
     }
 
@@ -281,7 +293,11 @@ impl Store for RedisStore {
     }
 
     fn invalidate<'a>(&'a self, key: &'a Fingerprint, life: Duration) -> StoreFuture<'a, ()> {
-        Box::pin(self.inner.invalidate_key(key, life, true))
+        Box::pin(async move {
+            let inner = &*self.inner;
+            inner.invalidate_key(key, life, true).await?;
+            inner.replicated(&[inner.names.key(key, "gen")]).await
+        })
     }
 
     fn invalidate_group<'a>(
@@ -322,14 +338,21 @@ impl Store for RedisStore {
             invalidated
                 .into_iter()
                 .collect::<Result<(), StoreError>>()?;
-            let mut pipe = redis::pipe();
-            pipe.del(&members_key).ignore();
-            pipe.publish(
-                inner.names.invalidate_channel(),
-                format!("group {}", group.to_hex()),
+            let touched: Vec<String> = std::iter::once(inner.names.key(group, "gen"))
+                .chain(members.iter().map(|member| inner.names.key(member, "gen")))
+                .collect();
+            inner.replicated(&touched).await?;
+            // Two commands, not a pipeline: in a cluster the channel is no key of the
+            // members' slot. Both go out at once on the multiplexed connection.
+            let mut announce = connection.clone();
+            let channel = inner.names.invalidate_channel();
+            let message = format!("group {}", group.to_hex());
+            let (deleted, announced) = futures_util::future::join(
+                inner.run(connection.del::<_, ()>(&members_key)),
+                inner.run(announce.publish::<_, _, ()>(&channel, &message)),
             )
-            .ignore();
-            inner.run(pipe.query_async::<()>(&mut connection)).await
+            .await;
+            deleted.and(announced)
         })
     }
 

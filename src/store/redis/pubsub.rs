@@ -5,8 +5,9 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
-use tokio::sync::Notify;
+use futures_util::{StreamExt, future::Either};
+use redis::{Client, PushInfo, PushKind, Value, sentinel::SentinelClient};
+use tokio::sync::{Notify, mpsc::UnboundedReceiver};
 
 use super::Inner;
 use crate::{key::Fingerprint, store::Invalidation};
@@ -57,17 +58,37 @@ impl Inner {
     }
 }
 
+/// Where the pub/sub connection comes from.
+pub(super) enum Source {
+    Standalone(Client),
+    /// The master the sentinels name when the connection is made (after a failover, the
+    /// new one; messages published on a master reach its replicas' subscribers too).
+    Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
+    /// The push messages of the store's cluster connection (RESP3), which subscribes again
+    /// by itself after reconnections and topology changes.
+    Cluster(UnboundedReceiver<PushInfo>),
+}
+
 /// The instance's one pub/sub connection: pattern-subscribed to every completion channel and
 /// subscribed to invalidations; reconnects with a growing delay while Redis is away. Exits
 /// when the store is dropped.
-pub(super) async fn subscribe_loop(store: Weak<Inner>) {
+pub(super) async fn subscribe_loop(store: Weak<Inner>, source: Source) {
+    let client = match source {
+        Source::Standalone(client) => Either::Left(client),
+        Source::Sentinel(sentinels) => Either::Right(sentinels),
+        Source::Cluster(pushes) => return cluster_loop(store, pushes).await,
+    };
     let mut delay = Duration::from_millis(100);
     loop {
         let Some(inner) = store.upgrade() else {
             return;
         };
         let connect = async {
-            let mut pubsub = inner.client.get_async_pubsub().await?;
+            let client = match &client {
+                Either::Left(client) => client.clone(),
+                Either::Right(sentinels) => sentinels.lock().await.async_get_client().await?,
+            };
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.psubscribe(inner.names.done_pattern()).await?;
             pubsub.subscribe(inner.names.invalidate_channel()).await?;
             Ok::<_, redis::RedisError>(pubsub)
@@ -75,14 +96,10 @@ pub(super) async fn subscribe_loop(store: Weak<Inner>) {
         let connected = tokio::time::timeout(Duration::from_secs(1), connect).await;
         let mut pubsub = match connected {
             Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "redis pub/sub connection failed");
-                drop(inner);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-                continue;
-            }
-            Err(_) => {
+            failed => {
+                if let Ok(Err(error)) = failed {
+                    tracing::debug!(%error, "redis pub/sub connection failed");
+                }
                 drop(inner);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -90,10 +107,7 @@ pub(super) async fn subscribe_loop(store: Weak<Inner>) {
             }
         };
         delay = Duration::from_millis(100);
-        inner.subscribed.store(true, Ordering::Release);
-        tracing::debug!("redis pub/sub subscribed");
-        // Messages sent while we were away are lost: let every waiter read again.
-        inner.wake_all();
+        inner.subscribed(true);
         let weak = Arc::downgrade(&inner);
         drop(inner);
         let mut messages = pubsub.on_message();
@@ -101,32 +115,120 @@ pub(super) async fn subscribe_loop(store: Weak<Inner>) {
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            let channel = message.get_channel_name();
-            if let Some(key) = inner.names.parse_done(channel) {
-                inner.wake(&key);
-            } else if channel == inner.names.invalidate_channel() {
-                let payload = String::from_utf8_lossy(message.get_payload_bytes());
-                let invalidation = match payload.split_once(' ') {
-                    Some(("key", hex)) => Fingerprint::from_hex(hex).map(Invalidation::Key),
-                    Some(("group", hex)) => Fingerprint::from_hex(hex).map(Invalidation::Group),
-                    _ => None,
-                };
-                if let Some(invalidation) = invalidation {
-                    let listeners = inner
-                        .listeners
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone();
-                    for listener in listeners {
-                        listener(&invalidation);
-                    }
-                }
-            }
+            inner.dispatch(message.get_channel_name(), message.get_payload_bytes());
         }
         drop(messages);
         if let Some(inner) = weak.upgrade() {
-            inner.subscribed.store(false, Ordering::Release);
-            tracing::debug!("redis pub/sub connection lost");
+            inner.subscribed(false);
+        }
+    }
+}
+
+/// The cluster's pub/sub: subscribes through the store's cluster connection (retrying until
+/// the cluster answers), then dispatches its push messages.
+async fn cluster_loop(store: Weak<Inner>, mut pushes: UnboundedReceiver<PushInfo>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        let subscribe = async {
+            let Some(connection) = inner.connection.cluster_connection().await else {
+                unreachable!("a cluster source comes with a cluster connection")
+            };
+            let mut connection = connection?;
+            connection.psubscribe(inner.names.done_pattern()).await?;
+            connection
+                .subscribe(inner.names.invalidate_channel())
+                .await?;
+            Ok::<_, redis::RedisError>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(1), subscribe).await {
+            Ok(Ok(())) => break,
+            failed => {
+                if let Ok(Err(error)) = failed {
+                    tracing::debug!(%error, "redis cluster subscription failed");
+                }
+                drop(inner);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    if let Some(inner) = store.upgrade() {
+        inner.subscribed(true);
+    }
+    while let Some(push) = pushes.recv().await {
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        match push.kind {
+            PushKind::PMessage => {
+                // pattern, channel, payload
+                if let [_, channel, payload] = &push.data[..] {
+                    inner.dispatch(text(channel), bytes(payload));
+                }
+            }
+            PushKind::Message => {
+                if let [channel, payload] = &push.data[..] {
+                    inner.dispatch(text(channel), bytes(payload));
+                }
+            }
+            // A node connection dropped: messages may be lost until the cluster connection
+            // has subscribed again, which it confirms.
+            PushKind::Disconnection => inner.subscribed(false),
+            PushKind::PSubscribe => inner.subscribed(true),
+            _ => {}
+        }
+    }
+}
+
+fn bytes(value: &Value) -> &[u8] {
+    match value {
+        Value::BulkString(bytes) => bytes,
+        Value::SimpleString(text) => text.as_bytes(),
+        _ => &[],
+    }
+}
+
+fn text(value: &Value) -> &str {
+    std::str::from_utf8(bytes(value)).unwrap_or_default()
+}
+
+impl Inner {
+    /// Records whether messages arrive; on (re)subscription, lets every waiter read again,
+    /// since messages sent while unsubscribed are lost.
+    fn subscribed(&self, subscribed: bool) {
+        let was = self.subscribed.swap(subscribed, Ordering::AcqRel);
+        if subscribed {
+            tracing::debug!(topology = self.topology, "redis pub/sub subscribed");
+            self.wake_all();
+        } else if was {
+            tracing::debug!(topology = self.topology, "redis pub/sub connection lost");
+        }
+    }
+
+    /// Wakes the waiters of a completion channel, or applies an invalidation.
+    fn dispatch(&self, channel: &str, payload: &[u8]) {
+        if let Some(key) = self.names.parse_done(channel) {
+            self.wake(&key);
+        } else if channel == self.names.invalidate_channel() {
+            let payload = String::from_utf8_lossy(payload);
+            let invalidation = match payload.split_once(' ') {
+                Some(("key", hex)) => Fingerprint::from_hex(hex).map(Invalidation::Key),
+                Some(("group", hex)) => Fingerprint::from_hex(hex).map(Invalidation::Group),
+                _ => None,
+            };
+            if let Some(invalidation) = invalidation {
+                let listeners = self
+                    .listeners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                for listener in listeners {
+                    listener(&invalidation);
+                }
+            }
         }
     }
 }

@@ -2,11 +2,11 @@ use http::{Method, Request, Uri};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 
-use super::support::{
+use super::*;
+use support::dpop::{
     ED25519, ES256_A, ES256_B, ES384, RS256, TestKey, claims, encode, header, proof, sign,
     sign_with,
 };
-use super::*;
 
 const NOW: u64 = 1_800_000_000;
 const HTU: &str = "https://auth.example.com/token";
