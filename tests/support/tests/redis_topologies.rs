@@ -232,7 +232,7 @@ fn after_its_master_is_killed_a_replica_serves_the_slot_and_the_old_master_rejoi
 #[test]
 fn dropping_a_cluster_kills_every_node() {
     let cluster = RedisCluster::three_masters();
-    let nodes: Vec<(u32, u16)> = (0..cluster.len())
+    let nodes: Vec<(u32, u16)> = (0..cluster.node_count())
         .map(|n| (cluster.node(n).pid().unwrap(), cluster.node(n).port()))
         .collect();
     assert_eq!(nodes.len(), 3);
