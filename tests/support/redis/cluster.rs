@@ -9,8 +9,8 @@
 //!   (bounded: [`SETTLE_TIMEOUT`]); none sleeps for a fixed time. From an async test, call the
 //!   slow ones (start, failover, restart) from `tokio::task::spawn_blocking` when other tasks
 //!   must keep running meanwhile: [`Killed::wait`] is `Send + 'static` for that.
-//! - Nodes are numbered `0..len()` in start order; a number stays with its process across
-//!   kill and restart (same port, same directory, same `nodes.conf`).
+//! - Nodes are numbered `0..node_count()` in start order; a number stays with its process
+//!   across kill and restart (same port, same directory, same `nodes.conf`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -273,8 +273,8 @@ impl RedisCluster {
         self.options
     }
 
-    /// The number of nodes, running or killed.
-    pub fn len(&self) -> usize {
+    /// The number of nodes, running or killed (a cluster is never empty, hence no `len`).
+    pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
 
@@ -520,6 +520,11 @@ impl RedisCluster {
             );
         }
         entries
+    }
+
+    /// `DBSIZE` of every running node, replicas included, as `(node, keys)` in node order.
+    pub fn keys_per_node(&self) -> Vec<(usize, u64)> {
+        self.query_each(&redis::cmd("DBSIZE"))
     }
 
     /// `DBSIZE` of every master that serves slots, as `(node, keys)` in node order.

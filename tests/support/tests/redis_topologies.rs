@@ -198,6 +198,9 @@ fn after_its_master_is_killed_a_replica_serves_the_slot_and_the_old_master_rejoi
     assert_ne!(failover.promoted, old);
     assert_eq!(cluster.master_of_slot(slot), failover.promoted);
     assert_eq!(cluster.node(old).pid(), None);
+    let keys = cluster.keys_per_node();
+    assert_eq!(keys.len(), 5, "the killed node is not queried: {keys:?}");
+    assert!(keys.contains(&(failover.promoted, 1)), "{keys:?}");
     assert_eq!(failover.topology.failed, [cluster.node(old).port()]);
     let promoted = cluster.node(failover.promoted).port();
     assert!(failover.topology.replicas_of(promoted).is_empty());
@@ -229,7 +232,7 @@ fn after_its_master_is_killed_a_replica_serves_the_slot_and_the_old_master_rejoi
 #[test]
 fn dropping_a_cluster_kills_every_node() {
     let cluster = RedisCluster::three_masters();
-    let nodes: Vec<(u32, u16)> = (0..cluster.len())
+    let nodes: Vec<(u32, u16)> = (0..cluster.node_count())
         .map(|n| (cluster.node(n).pid().unwrap(), cluster.node(n).port()))
         .collect();
     assert_eq!(nodes.len(), 3);
