@@ -239,7 +239,7 @@ impl Remote {
                 // No answer (or one this version does not know): the lock may or may not be
                 // ours (a command can time out after Redis ran it), and without the key's
                 // generation no result can be stored safely.
-                Ok(_) | Err(()) => return Plan::Unreachable(fence),
+                Err(()) => return Plan::Unreachable(fence),
             }
         }
         Plan::Unreachable(fence)

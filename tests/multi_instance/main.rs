@@ -12,9 +12,10 @@
 mod across;
 mod dump;
 mod faults;
+mod topologies;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     convert::Infallible,
     sync::{Arc, Mutex},
     time::Duration,
@@ -26,7 +27,7 @@ use futures_util::future::join_all;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
-use support::redis::{RedisCluster, RedisSentinel, RedisServer};
+use support::redis::{RedisCluster, RedisSentinel, RedisServer, cluster::key_slot};
 use support::tokens::{self, REFRESH_TYP, SECRET};
 use support::{Gate, until};
 use tokio::{
@@ -109,6 +110,27 @@ impl Deployment {
         all
     }
 
+    /// Kills (SIGKILL) the master that holds `key`; the returned wait blocks until a replica
+    /// has replaced it, and says how long that took from the kill.
+    fn kill_master_of(
+        &mut self,
+        key: &str,
+    ) -> impl FnOnce() -> Result<Duration, String> + Send + 'static {
+        let killed = match self {
+            Deployment::Cluster(cluster) => {
+                let killed = cluster.kill_master_of_slot(key_slot(key.as_bytes()));
+                Box::new(move || killed.wait().map(|failover| failover.took))
+                    as Box<dyn FnOnce() -> Result<Duration, String> + Send>
+            }
+            Deployment::Sentinel(sentinel) => {
+                let killed = sentinel.kill_master();
+                Box::new(move || killed.wait().map(|failover| failover.took))
+            }
+            Deployment::Standalone(_) => panic!("a standalone server has no replica"),
+        };
+        move || killed()
+    }
+
     /// How many keys each master holds, by its port.
     async fn keys_per_master(&self) -> Vec<(usize, usize)> {
         let mut counts = Vec::new();
@@ -175,6 +197,15 @@ impl Ledger {
             .iter()
             .filter(|c| c.token == token)
             .count()
+    }
+
+    /// Calls per token.
+    fn per_token(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for call in self.0.lock().unwrap().iter() {
+            *counts.entry(call.token.clone()).or_default() += 1;
+        }
+        counts
     }
 
     /// Calls for `token`, per instance.

@@ -327,6 +327,7 @@ fn assert_stored(stored: Option<Stored>, value: &[u8], replay: bool, ttl: Durati
 use elections::{
     a_release_by_a_foreign_fence_keeps_the_lock_and_the_owners_frees_it,
     a_won_election_is_acknowledged_by_as_many_replicas_as_the_store_requires,
+    an_election_after_a_replay_was_stored_takes_no_lock_and_reports_the_replay,
     an_expired_lease_lets_another_fence_win, electing_again_with_the_winning_fence_reports_a_win,
     loading_a_key_nothing_was_stored_for_finds_nothing,
     the_first_election_wins_and_the_second_loses_naming_the_first_fence,
@@ -400,6 +401,7 @@ conformance!(
     a_release_by_a_foreign_fence_keeps_the_lock_and_the_owners_frees_it,
     an_expired_lease_lets_another_fence_win,
     a_won_election_is_acknowledged_by_as_many_replicas_as_the_store_requires,
+    an_election_after_a_replay_was_stored_takes_no_lock_and_reports_the_replay,
     a_stored_replay_is_loaded_with_its_ttl_only_under_the_same_seal,
     a_late_leader_completing_a_second_replay_gets_the_first_value,
     a_wait_returns_the_replay_as_soon_as_the_leader_completes_later,

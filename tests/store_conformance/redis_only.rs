@@ -19,27 +19,28 @@ async fn store_one_of_everything(b: &Backend) -> (Fingerprint, Fingerprint, Fenc
             &leader,
             &SEAL,
             PLAINTEXT.to_vec(),
-            replay(TTL),
-            &in_group(&group),
+            Keep::Flight { ttl: TTL },
+            &FRESH,
         )
         .await
         .unwrap();
+    // Completing with a flight outcome released the lock; take it again (no replay is
+    // stored yet, so the election can be won), then store the replay, which keeps it.
+    assert_eq!(
+        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+        Election::Won { generation: 0 }
+    );
     b.store(0)
         .complete(
             &k,
             &leader,
             &SEAL,
             PLAINTEXT.to_vec(),
-            Keep::Flight { ttl: TTL },
-            &FRESH,
+            replay(TTL),
+            &in_group(&group),
         )
         .await
         .unwrap();
-    // Completing with a flight outcome released the lock; take it again for the dump.
-    assert_eq!(
-        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-        Election::Won { generation: 0 }
-    );
     (k, group, leader)
 }
 
