@@ -25,9 +25,15 @@
 //! Completion is announced on `{prefix}:{fp}:done` (the message is the fence and the kind,
 //! never a token; an invalidation of the key announces itself there too, so that followers
 //! learn at once), invalidations on `{prefix}:invalidate`. Each instance holds **one**
-//! pub/sub connection, pattern-subscribed to every completion channel, and dispatches
-//! messages to its local waiters; waiters also poll, so a lost message costs at most one
-//! poll interval.
+//! pub/sub connection and dispatches messages to its local waiters; waiters also poll, so a
+//! lost message costs at most one poll interval. On a standalone server and with Sentinel,
+//! the connection is pattern-subscribed to every completion channel and completions are
+//! classic `PUBLISH`es. In a cluster, where a classic message crosses the cluster bus to
+//! every node and reaches every instance whether it waits or not, completions are sharded
+//! (`SPUBLISH`, within the key's shard), and an instance subscribes (`SSUBSCRIBE`) to the
+//! channel of each key it waits for, before its first read, until its last waiter of the
+//! key leaves: the messages then grow with the instances that wait, not with all of them
+//! (`docs/pubsub-cluster.md` has the measurement).
 
 use std::{
     collections::HashMap,
@@ -47,7 +53,12 @@ use redis::{
 };
 use tokio::sync::Notify;
 
-use self::{connection::Connection, names::Names, pubsub::Source, scripts::Scripts};
+use self::{
+    connection::Connection,
+    names::Names,
+    pubsub::Source,
+    scripts::{Announce, Scripts},
+};
 use super::{Fence, Generations, Listener, StoreError, StoreErrorKind, Stored, seal::Sealer};
 use crate::key::Fingerprint;
 
@@ -172,12 +183,12 @@ impl RedisStoreBuilder {
             .set_max_delay(Duration::from_millis(500));
         let topology = self.topology.name();
         let connect_timeout = self.connect_timeout();
-        let (connection, source, min_replicas) = match self.topology {
+        let (connection, source, min_replicas, announce) = match self.topology {
             Topology::Invalid(error) => return Err(StoreError::new(error)),
             Topology::Standalone(client) => {
                 let connection =
                     Connection::standalone(client.clone(), config).map_err(StoreError::new)?;
-                (connection, Source::Standalone(client), 0)
+                (connection, Source::Standalone(client), 0, Announce::Classic)
             }
             Topology::Sentinel {
                 sentinels,
@@ -189,7 +200,12 @@ impl RedisStoreBuilder {
                         .map_err(StoreError::new)?;
                 let sentinels = Arc::new(tokio::sync::Mutex::new(sentinels));
                 let connection = Connection::sentinel(sentinels.clone(), config);
-                (connection, Source::Sentinel(sentinels), 1)
+                (
+                    connection,
+                    Source::Sentinel(sentinels),
+                    1,
+                    Announce::Classic,
+                )
             }
             Topology::Cluster(nodes) => {
                 let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
@@ -200,7 +216,8 @@ impl RedisStoreBuilder {
                     .response_timeout(self.command_timeout)
                     .build()
                     .map_err(StoreError::new)?;
-                (Connection::cluster(client), Source::Cluster(received), 1)
+                let source = Source::Cluster(received);
+                (Connection::cluster(client), source, 1, Announce::Sharded)
             }
         };
         let inner = Arc::new(Inner {
@@ -216,7 +233,8 @@ impl RedisStoreBuilder {
             waiters: Mutex::new(HashMap::new()),
             subscribed: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
-            scripts: Scripts::new(),
+            announce,
+            scripts: Scripts::new(announce),
         });
         tokio::spawn(pubsub::subscribe_loop(Arc::downgrade(&inner), source));
         Ok(RedisStore { inner })
@@ -275,6 +293,9 @@ struct Inner {
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
     subscribed: AtomicBool,
     listeners: Mutex<Vec<Listener>>,
+    /// How completions are announced, and so how waiters subscribe: to the pattern of every
+    /// completion channel once, or to the channel of each key they wait for.
+    announce: Announce,
     scripts: Scripts,
 }
 

@@ -268,8 +268,8 @@ impl Store for RedisStore {
         deadline: Instant,
     ) -> StoreFuture<'a, Waited> {
         Box::pin(async move {
-            let inner = &*self.inner;
-            let notify = inner.waiter(key);
+            let inner = &self.inner;
+            let notify = inner.waiter(key).await;
             let result = loop {
                 // Register for the wake-up before reading the keys: a completion between the
                 // read and the wait still wakes us.
