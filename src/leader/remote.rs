@@ -221,25 +221,25 @@ impl Remote {
         // election; a few of them at most.
         for _ in 0..ELECTIONS {
             match self.elect_once(key, &fence, counters).await {
-                Ok(Election::Won { generation }) => {
+                Some(Election::Won { generation }) => {
                     StoreCounters::add(&counters.won, "won");
                     self.replicate(key, counters).await;
                     return Plan::Lead(fence, known.then(|| generations(generation)));
                 }
-                Ok(Election::Lost { leader, generation }) => {
+                Some(Election::Lost { leader, generation }) => {
                     StoreCounters::add(&counters.lost, "lost");
                     return Plan::Follow(leader, generations(generation));
                 }
-                Ok(Election::Replay) => {
+                Some(Election::Replay) => {
                     let group = group.map(|(group, _)| group);
                     if let Some(stored) = self.load(key, seal, group.as_ref(), counters).await {
                         return Plan::Replay(stored);
                     }
                 }
-                // No answer (or one this version does not know): the lock may or may not be
-                // ours (a command can time out after Redis ran it), and without the key's
-                // generation no result can be stored safely.
-                Err(()) => return Plan::Unreachable(fence),
+                // No answer: the lock may or may not be ours (a command can time out after
+                // Redis ran it), and without the key's generation no result can be stored
+                // safely.
+                None => return Plan::Unreachable(fence),
             }
         }
         Plan::Unreachable(fence)
@@ -253,7 +253,7 @@ impl Remote {
         key: &Fingerprint,
         fence: &Fence,
         counters: &StoreCounters,
-    ) -> Result<Election, ()> {
+    ) -> Option<Election> {
         let election = match self.store.elect(key, fence, self.lease).await {
             Err(error) => {
                 self.record::<()>(Err(error), counters);
@@ -261,7 +261,7 @@ impl Remote {
             }
             done => done,
         };
-        self.record(election, counters).ok_or(())
+        self.record(election, counters)
     }
 
     /// Step 2 of a leader: waits until the store's replicas hold its lock, so that a

@@ -63,7 +63,8 @@ pub(crate) fn parse_command_stats(info: &str) -> CommandStats {
             let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
             Some((name.to_owned(), calls.parse().ok()?))
         })
-        .filter(|(name, _)| name != "info")
+        // The probe's own commands.
+        .filter(|(name, _)| name != "info" && name != "cluster|info")
         .collect()
 }
 
