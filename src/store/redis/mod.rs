@@ -258,20 +258,32 @@ impl fmt::Debug for RedisStoreBuilder {
     }
 }
 
-/// A [`Store`] on Redis (standalone, or a cluster through the hash-tagged key names).
+/// A [`Store`](super::Store) on Redis: a standalone server ([`standalone`](Self::standalone)), the master a
+/// Sentinel group names ([`sentinel`](Self::sentinel)) or a Redis Cluster
+/// ([`cluster`](Self::cluster)), with one protocol: every script touches the keys of one
+/// token, which share a hash tag and so one cluster slot.
 ///
 /// Every instance of a deployment must use the same Redis, prefix and `secret`. The secret
 /// keys the encryption of stored values, together with a per-token key from the layer, so a
-/// Redis dump reveals no token.
+/// Redis dump reveals no token. What each topology keeps through a failover is in the
+/// crate docs ("What a failover of the store keeps, and what it does not").
 ///
 /// ```no_run
 /// use tower_refresh_coalesce::store::RedisStore;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// const SECRET: &[u8] = b"a deployment secret of 32 bytes!";
 /// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
-/// let store = RedisStore::builder(client, b"a deployment secret of 32 bytes!").build()?;
-/// # let _ = store;
+/// let standalone = RedisStore::standalone(client, SECRET).build()?;
+///
+/// let sentinels = ["redis://127.0.0.1:26379/", "redis://127.0.0.1:26380/"];
+/// let sentinel = RedisStore::sentinel(sentinels, "refresh", SECRET).build()?;
+///
+/// let cluster = RedisStore::cluster(["redis://127.0.0.1:7000/"], SECRET)
+///     .min_replicas(1)
+///     .build()?;
+/// # let _ = (standalone, sentinel, cluster);
 /// # Ok(())
 /// # }
 /// ```
