@@ -150,6 +150,8 @@ struct Config {
     breaker: (u32, Duration),
     /// The Redis stores' per-command budget.
     command_timeout: Duration,
+    /// Refuse rather than refresh alone while the store is unreachable.
+    require_store: bool,
 }
 
 impl Default for Config {
@@ -160,6 +162,7 @@ impl Default for Config {
             hard_cap: Duration::from_secs(5),
             breaker: (3, Duration::from_millis(500)),
             command_timeout: Duration::from_millis(100),
+            require_store: false,
         }
     }
 }
@@ -359,7 +362,8 @@ impl Fleet {
             .ttl(config.ttl)
             .wait_timeout(config.wait_timeout)
             .hard_cap(config.hard_cap)
-            .breaker(config.breaker.0, config.breaker.1);
+            .breaker(config.breaker.0, config.breaker.1)
+            .require_store(config.require_store);
         let (builder, redis) = match &self.shared {
             Shared::Memory(store) => (builder.store(store.clone()), None),
             shared => {
