@@ -181,6 +181,7 @@ where
     let plan = remote
         .elect(
             &key,
+            &seal,
             group.as_ref(),
             tag.as_ref(),
             generation_life,
@@ -205,6 +206,15 @@ where
             let value = call(flights, inner, request).await;
             let replay = replay_for(&value, ttl);
             remote.release_later(&key, &fence);
+            Ok((value, replay))
+        }
+        Plan::Replay(stored) => {
+            let value = flights
+                .share
+                .decode(&stored.value)
+                .ok_or(Failure::Incompatible)?;
+            StoreCounters::add(&counters.replayed, "replayed");
+            let replay = replay_for(&value, stored.ttl.min(ttl));
             Ok((value, replay))
         }
         Plan::Follow(leader, started) => {

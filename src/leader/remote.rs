@@ -29,6 +29,9 @@ pub(crate) enum Plan {
     /// remembering the key under its tag) failed, so the generations are unknown and
     /// nothing is stored (the lock is released).
     Lead(Fence, Option<Generations>),
+    /// A replay was stored after the flight looked (step 1) and before its election: answer
+    /// with it; never call the inner service.
+    Replay(Stored),
     /// Wait for the result of the flight fenced so, elected under these generations; never
     /// call the inner service.
     Follow(Fence, Generations),
@@ -50,6 +53,9 @@ pub(crate) enum Followed {
     Revoked,
     Elapsed,
 }
+
+/// How many elections a flight runs at most when each finds a replay it cannot load.
+const ELECTIONS: usize = 3;
 
 /// A layer's store, with its breaker and settings.
 pub(crate) struct Remote {
@@ -165,10 +171,12 @@ impl Remote {
 
     /// Step 2: the group's generation (before the key's: an invalidation of the group after
     /// this read is seen when the result is stored), then the election, which reads the
-    /// key's.
+    /// key's. A replay stored since step 1 answers the flight instead (`Plan::Replay`):
+    /// opened with `seal`, like step 1.
     pub(crate) async fn elect(
         &self,
         key: &Fingerprint,
+        seal: &[u8; 32],
         group: Option<&Fingerprint>,
         tag: Option<&Fingerprint>,
         life: Duration,
@@ -208,34 +216,52 @@ impl Remote {
             group: group.map(|(group, generation)| (group, generation.unwrap_or(0))),
         };
         let fence = Fence::random();
-        // One retry: an election is idempotent for its fence, so a first attempt that timed
-        // out after Redis took the lock for us reports a win the second time.
-        let election = match self.store.elect(key, &fence, self.lease).await {
+        // A replay stored between step 1 and the election: load it. A replay that cannot be
+        // loaded (it expired meanwhile, or an invalidation is deleting it) leads to another
+        // election; a few of them at most.
+        for _ in 0..ELECTIONS {
+            match self.elect_once(key, &fence, counters).await {
+                Some(Election::Won { generation }) => {
+                    StoreCounters::add(&counters.won, "won");
+                    self.replicate(key, counters).await;
+                    return Plan::Lead(fence, known.then(|| generations(generation)));
+                }
+                Some(Election::Lost { leader, generation }) => {
+                    StoreCounters::add(&counters.lost, "lost");
+                    return Plan::Follow(leader, generations(generation));
+                }
+                Some(Election::Replay) => {
+                    let group = group.map(|(group, _)| group);
+                    if let Some(stored) = self.load(key, seal, group.as_ref(), counters).await {
+                        return Plan::Replay(stored);
+                    }
+                }
+                // No answer: the lock may or may not be ours (a command can time out after
+                // Redis ran it), and without the key's generation no result can be stored
+                // safely.
+                None => return Plan::Unreachable(fence),
+            }
+        }
+        Plan::Unreachable(fence)
+    }
+
+    /// One election, sent once more if the first attempt fails: an election is idempotent
+    /// for its fence, so a first attempt that timed out after Redis took the lock for us
+    /// reports a win the second time.
+    async fn elect_once(
+        &self,
+        key: &Fingerprint,
+        fence: &Fence,
+        counters: &StoreCounters,
+    ) -> Option<Election> {
+        let election = match self.store.elect(key, fence, self.lease).await {
             Err(error) => {
                 self.record::<()>(Err(error), counters);
-                self.store.elect(key, &fence, self.lease).await
+                self.store.elect(key, fence, self.lease).await
             }
             done => done,
         };
-        match election {
-            Ok(Election::Won { generation }) => {
-                self.record(Ok(()), counters);
-                StoreCounters::add(&counters.won, "won");
-                self.replicate(key, counters).await;
-                Plan::Lead(fence, known.then(|| generations(generation)))
-            }
-            Ok(Election::Lost { leader, generation }) => {
-                self.record(Ok(()), counters);
-                StoreCounters::add(&counters.lost, "lost");
-                Plan::Follow(leader, generations(generation))
-            }
-            Err(error) => {
-                // The lock may or may not be ours (a command can time out after Redis ran
-                // it); without the key's generation no result can be stored safely.
-                self.record::<()>(Err(error), counters);
-                Plan::Unreachable(fence)
-            }
-        }
+        self.record(election, counters)
     }
 
     /// Step 2 of a leader: waits until the store's replicas hold its lock, so that a

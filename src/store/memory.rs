@@ -247,8 +247,13 @@ impl Store for MemoryStore {
             let now = Instant::now();
             let mut state = self.state();
             let generation = generation(&mut state.key_generations, key, lease, now);
+            let replay = state
+                .results
+                .get(key)
+                .is_some_and(|entry| entry.expires > now);
             match state.locks.get(key) {
                 Some((leader, _)) if leader == fence => Ok(Election::Won { generation }),
+                _ if replay => Ok(Election::Replay),
                 Some((leader, _)) => Ok(Election::Lost {
                     leader: leader.clone(),
                     generation,

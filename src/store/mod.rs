@@ -181,6 +181,7 @@ impl fmt::Debug for Stored {
 
 /// The outcome of [`Store::elect`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Election {
     /// This flight leads: it calls the inner service.
     Won {
@@ -196,6 +197,9 @@ pub enum Election {
         /// revoked.
         generation: u64,
     },
+    /// A replay of the key is stored (a leader completed since this flight last looked):
+    /// no lock was taken; [`load`](Store::load) it instead of leading.
+    Replay,
 }
 
 /// How long [`Store::complete`] keeps a result, and for whom.
@@ -311,10 +315,12 @@ pub trait Store: Send + Sync + 'static {
         life: Duration,
     ) -> StoreFuture<'a, u64>;
 
-    /// Takes the lock of `key` for `lease` with `fence`, unless another flight holds it, and
-    /// reads the key's generation in the same step (keeping an existing one at least `lease`
-    /// from now). Must be idempotent for one fence: electing again with the fence that holds
-    /// the lock reports [`Election::Won`] (a retry after a lost answer).
+    /// Takes the lock of `key` for `lease` with `fence`, unless another flight holds it or a
+    /// replay of `key` is stored ([`Election::Replay`]: a flight that looked before the
+    /// replay was stored must not lead a second call), and reads the key's generation in the
+    /// same step (keeping an existing one at least `lease` from now). Must be idempotent for
+    /// one fence: electing again with the fence that holds the lock reports
+    /// [`Election::Won`] (a retry after a lost answer).
     fn elect<'a>(
         &'a self,
         key: &'a Fingerprint,

@@ -8,8 +8,33 @@ use super::*;
 #[tokio::test]
 async fn after_a_storm_over_1000_tokens_redis_holds_no_subject_or_token_bytes_and_every_key_expires()
  {
-    let server = RedisServer::start();
-    let mut fleet = Fleet::new(&on(&server));
+    after_1000_tokens(Deployment::Standalone(RedisServer::start())).await;
+}
+
+#[tokio::test]
+async fn after_a_storm_over_1000_tokens_no_cluster_node_holds_subject_or_token_bytes_and_every_key_expires()
+ {
+    let redis = Deployment::Cluster(RedisCluster::three_masters());
+    let masters = after_1000_tokens(redis).await;
+    // The keys spread over the masters by their hash tags: each holds about a third.
+    for (master, keys) in masters {
+        assert!(
+            (700..=1300).contains(&keys),
+            "master {master} holds {keys} of 3000 keys"
+        );
+    }
+}
+
+#[tokio::test]
+async fn after_a_storm_over_1000_tokens_the_sentinels_master_holds_no_subject_or_token_bytes_and_every_key_expires()
+ {
+    after_1000_tokens(Deployment::Sentinel(RedisSentinel::start())).await;
+}
+
+/// Runs 1,000 tokens over three instances on `redis`, then reads every key of every master;
+/// returns how many keys each master holds.
+async fn after_1000_tokens(redis: Deployment) -> Vec<(usize, usize)> {
+    let mut fleet = Fleet::new(&redis.shared());
     // A generous command budget: with a hundred flights at once, all tests of this file in
     // parallel and a debug build on two cores, a command can wait for the runtime longer
     // than the default 100 ms, and a failed command is not what this test is about.
@@ -53,7 +78,7 @@ async fn after_a_storm_over_1000_tokens_redis_holds_no_subject_or_token_bytes_an
     // Leaders release their locks in the background once their callers are answered.
     let released_by = std::time::Instant::now() + Duration::from_secs(5);
     let dump = loop {
-        let dump = server.dump().await;
+        let dump = redis.dump().await;
         if keys_ending(&dump, ":lock").is_empty() || std::time::Instant::now() > released_by {
             break dump;
         }
@@ -86,4 +111,5 @@ async fn after_a_storm_over_1000_tokens_redis_holds_no_subject_or_token_bytes_an
             );
         }
     }
+    redis.keys_per_master().await
 }

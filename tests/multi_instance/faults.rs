@@ -419,3 +419,68 @@ async fn followers_of_a_leader_that_disappeared_get_429_and_a_retry_after_the_le
 }
 
 // ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn with_the_store_required_an_unreachable_store_gets_503_and_no_refresh_until_it_is_back() {
+    let mut server = RedisServer::start();
+    let config = Config {
+        require_store: true,
+        ..fault_config()
+    };
+    let mut fleet = Fleet::new(&on(&server));
+    for _ in 0..3 {
+        fleet.add(config);
+    }
+    fleet.gates.open();
+    fleet.subscribed().await;
+    let kept = tokens::refresh("alice");
+    let before = answers(fleet.storm(&kept, 30, 0)).await;
+    assert!(before.iter().all(|a| a.seen.status == StatusCode::OK));
+    assert_eq!(fleet.ledger.of(&kept), 1);
+
+    server.kill();
+    let fresh = tokens::refresh("bob");
+    let during = answers(fleet.storm(&fresh, 30, 0)).await;
+    assert_eq!(
+        fleet.ledger.of(&fresh),
+        0,
+        "no instance refreshes on its own"
+    );
+    for answer in &during {
+        assert_eq!(
+            answer.seen.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{answer:?}"
+        );
+        assert_eq!(answer.seen.json()["error"], "temporarily_unavailable");
+        assert!(
+            answer
+                .seen
+                .headers
+                .iter()
+                .any(|(name, _)| name == "retry-after"),
+            "{answer:?}"
+        );
+    }
+    // A replay each instance holds needs no store.
+    for instance in 0..3 {
+        let replayed = fleet.send(instance, &kept).await;
+        assert_eq!(replayed.status, StatusCode::OK, "instance {instance}");
+        assert_eq!(replayed, before[0].seen, "the same pair");
+    }
+
+    // Redis back: once the breaker lets the store be tried again, the token is refreshed,
+    // once.
+    server.restart();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let seen = fleet.send(0, &fresh).await;
+        if seen.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(seen.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(Instant::now() < deadline, "still refused after {SETTLE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fleet.ledger.of(&fresh), 1);
+}

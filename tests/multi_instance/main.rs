@@ -12,9 +12,10 @@
 mod across;
 mod dump;
 mod faults;
+mod topologies;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     convert::Infallible,
     sync::{Arc, Mutex},
     time::Duration,
@@ -26,7 +27,7 @@ use futures_util::future::join_all;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisSentinel, RedisServer, cluster::key_slot};
 use support::tokens::{self, REFRESH_TYP, SECRET};
 use support::{Gate, until};
 use tokio::{
@@ -59,6 +60,85 @@ const SETTLE: Duration = Duration::from_secs(10);
 enum Shared {
     Memory(MemoryStore),
     Redis(redis::Client),
+    /// The seed URLs of a cluster, and how many replicas must acknowledge an election.
+    Cluster(Vec<String>, u32),
+    /// The sentinels' URLs and the master's name.
+    Sentinel(Vec<String>, &'static str),
+}
+
+/// The Redis processes a case runs on: a standalone server, a Sentinel set or a cluster.
+enum Deployment {
+    Standalone(RedisServer),
+    Sentinel(RedisSentinel),
+    Cluster(RedisCluster),
+}
+
+impl Deployment {
+    /// How the instances reach it.
+    fn shared(&self) -> Shared {
+        match self {
+            Deployment::Standalone(server) => Shared::Redis(server.client()),
+            Deployment::Sentinel(sentinel) => {
+                Shared::Sentinel(sentinel.sentinel_urls(), sentinel.master_name())
+            }
+            Deployment::Cluster(cluster) => {
+                let replicas = u32::from(!cluster.replicas().is_empty());
+                Shared::Cluster(cluster.seed_urls(), replicas)
+            }
+        }
+    }
+
+    /// The servers that are masters now.
+    fn masters(&self) -> Vec<&RedisServer> {
+        match self {
+            Deployment::Standalone(server) => vec![server],
+            Deployment::Sentinel(sentinel) => vec![sentinel.node(sentinel.master())],
+            Deployment::Cluster(cluster) => cluster
+                .masters()
+                .into_iter()
+                .map(|n| cluster.node(n))
+                .collect(),
+        }
+    }
+
+    /// Every key on every master: name, TTL in ms (-1: none), value.
+    async fn dump(&self) -> Vec<(Vec<u8>, i64, Vec<u8>)> {
+        let mut all = Vec::new();
+        for master in self.masters() {
+            all.extend(master.dump().await);
+        }
+        all
+    }
+
+    /// Kills (SIGKILL) the master that holds `key`; the returned wait blocks until a replica
+    /// has replaced it, and says how long that took from the kill.
+    fn kill_master_of(
+        &mut self,
+        key: &str,
+    ) -> impl FnOnce() -> Result<Duration, String> + Send + 'static {
+        let killed = match self {
+            Deployment::Cluster(cluster) => {
+                let killed = cluster.kill_master_of_slot(key_slot(key.as_bytes()));
+                Box::new(move || killed.wait().map(|failover| failover.took))
+                    as Box<dyn FnOnce() -> Result<Duration, String> + Send>
+            }
+            Deployment::Sentinel(sentinel) => {
+                let killed = sentinel.kill_master();
+                Box::new(move || killed.wait().map(|failover| failover.took))
+            }
+            Deployment::Standalone(_) => panic!("a standalone server has no replica"),
+        };
+        move || killed()
+    }
+
+    /// How many keys each master holds, by its port.
+    async fn keys_per_master(&self) -> Vec<(usize, usize)> {
+        let mut counts = Vec::new();
+        for master in self.masters() {
+            counts.push((usize::from(master.port()), master.dump().await.len()));
+        }
+        counts
+    }
 }
 
 /// The layer settings of one instance.
@@ -70,6 +150,8 @@ struct Config {
     breaker: (u32, Duration),
     /// The Redis stores' per-command budget.
     command_timeout: Duration,
+    /// Refuse rather than refresh alone while the store is unreachable.
+    require_store: bool,
 }
 
 impl Default for Config {
@@ -80,6 +162,7 @@ impl Default for Config {
             hard_cap: Duration::from_secs(5),
             breaker: (3, Duration::from_millis(500)),
             command_timeout: Duration::from_millis(100),
+            require_store: false,
         }
     }
 }
@@ -117,6 +200,15 @@ impl Ledger {
             .iter()
             .filter(|c| c.token == token)
             .count()
+    }
+
+    /// Calls per token.
+    fn per_token(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for call in self.0.lock().unwrap().iter() {
+            *counts.entry(call.token.clone()).or_default() += 1;
+        }
+        counts
     }
 
     /// Calls for `token`, per instance.
@@ -270,11 +362,25 @@ impl Fleet {
             .ttl(config.ttl)
             .wait_timeout(config.wait_timeout)
             .hard_cap(config.hard_cap)
-            .breaker(config.breaker.0, config.breaker.1);
+            .breaker(config.breaker.0, config.breaker.1)
+            .require_store(config.require_store);
         let (builder, redis) = match &self.shared {
             Shared::Memory(store) => (builder.store(store.clone()), None),
-            Shared::Redis(client) => {
-                let store = RedisStore::builder(client.clone(), SEAL_SECRET)
+            shared => {
+                let store = match shared {
+                    Shared::Redis(client) => RedisStore::standalone(client.clone(), SEAL_SECRET),
+                    Shared::Cluster(seeds, replicas) => {
+                        RedisStore::cluster(seeds.iter().map(String::as_str), SEAL_SECRET)
+                            .min_replicas(*replicas)
+                    }
+                    Shared::Sentinel(sentinels, master) => RedisStore::sentinel(
+                        sentinels.iter().map(String::as_str),
+                        *master,
+                        SEAL_SECRET,
+                    ),
+                    Shared::Memory(_) => unreachable!("matched above"),
+                };
+                let store = store
                     .command_timeout(config.command_timeout)
                     .build()
                     .expect("a RedisStore builds without waiting for Redis");
@@ -434,6 +540,7 @@ fn memory() -> Shared {
     Shared::Memory(MemoryStore::new())
 }
 
+/// The instances' way to a standalone server that a fault case kills, pauses or restarts.
 fn on(server: &RedisServer) -> Shared {
     Shared::Redis(server.client())
 }
@@ -455,8 +562,9 @@ use across::{
     invalidating_a_subject_on_one_instance_clears_its_replays_on_every_instance,
 };
 
-/// Stamps out one `#[tokio::test]` per backend for each case.
-macro_rules! both_backends {
+/// Stamps out one `#[tokio::test]` per backend for each case: in memory, on a standalone
+/// server, on a Sentinel set and on a 3-master cluster.
+macro_rules! every_backend {
     ($($case:ident),* $(,)?) => {
         mod in_memory {
             $(
@@ -471,15 +579,35 @@ macro_rules! both_backends {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    let server = super::RedisServer::start();
-                    super::$case(super::on(&server), Some(&server)).await;
+                    let redis = super::Deployment::Standalone(super::RedisServer::start());
+                    super::$case(redis.shared(), Some(&redis)).await;
+                }
+            )*
+        }
+
+        mod on_sentinel {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let redis = super::Deployment::Sentinel(super::RedisSentinel::start());
+                    super::$case(redis.shared(), Some(&redis)).await;
+                }
+            )*
+        }
+
+        mod on_cluster {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let redis = super::Deployment::Cluster(super::RedisCluster::three_masters());
+                    super::$case(redis.shared(), Some(&redis)).await;
                 }
             )*
         }
     };
 }
 
-both_backends!(
+every_backend!(
     a_storm_of_3000_requests_over_three_instances_makes_exactly_one_inner_call,
     a_result_made_on_one_instance_is_replayed_on_another_until_the_token_is_invalidated,
     invalidating_a_subject_on_one_instance_clears_its_replays_on_every_instance,

@@ -111,3 +111,49 @@ pub(super) async fn an_expired_lease_lets_another_fence_win(b: Backend) {
     let next = b.store(1).elect(&k, &Fence::random(), LEASE).await.unwrap();
     assert_eq!(next, Election::Won { generation: 0 }, "{}", b.name);
 }
+
+pub(super) async fn a_won_election_is_acknowledged_by_as_many_replicas_as_the_store_requires(
+    b: Backend,
+) {
+    let k = key("replicated");
+    let won = b.store(0).elect(&k, &Fence::random(), LEASE).await.unwrap();
+    assert_eq!(won, Election::Won { generation: 0 }, "{}", b.name);
+    // Memory and standalone Redis require none; the Sentinel set's master has its one
+    // replica acknowledge the lock (`WAIT 1`); the cluster here has no replicas and
+    // requires none.
+    let replicated = b.store(0).replicate(&k).await.unwrap();
+    assert!(replicated, "{}", b.name);
+}
+
+pub(super) async fn an_election_after_a_replay_was_stored_takes_no_lock_and_reports_the_replay(
+    b: Backend,
+) {
+    let k = key("stored before the election");
+    let (leader, late) = (Fence::random(), Fence::random());
+    assert_eq!(
+        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+        Election::Won { generation: 0 },
+        "{}",
+        b.name
+    );
+    b.store(0)
+        .complete(&k, &leader, &SEAL, b"pair".to_vec(), replay(TTL), &FRESH)
+        .await
+        .unwrap();
+    b.store(0).release(&k, &leader).await.unwrap();
+
+    // A flight that looked before the replay was stored elects after the lock is free: it
+    // must not lead a second call.
+    let election = b.store(1).elect(&k, &late, LEASE).await.unwrap();
+    assert_eq!(election, Election::Replay, "{}", b.name);
+    let loaded = b.store(1).load(&k, &SEAL, None).await.unwrap();
+    assert_stored(loaded, b"pair", true, TTL);
+    // No lock was taken: once the replay is gone, the next election is won.
+    b.store(2).invalidate(&k, LIFE).await.unwrap();
+    assert_eq!(
+        b.store(2).elect(&k, &late, LEASE).await.unwrap(),
+        Election::Won { generation: 1 },
+        "{}",
+        b.name
+    );
+}

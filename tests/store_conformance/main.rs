@@ -1,11 +1,12 @@
 //! One conformance suite for every [`Store`] backend: the in-process `MemoryStore` and, with
-//! the `redis` feature, `RedisStore` on a `redis-server` of the test's own.
+//! the `redis` feature, `RedisStore` on a `redis-server` of the test's own, on a Sentinel
+//! set (a master, a replica, three sentinels) and on a 3-master Redis Cluster.
 //!
 //! Each case is an `async fn` taking a [`Backend`]: several independent store handles that
 //! share one backend (clones of one `MemoryStore`; separate `RedisStore`s, each with its own
 //! connections, on one server), as the instances of a deployment would. The `conformance!`
-//! macro stamps out one `#[tokio::test]` per case and backend: `in_memory::<case>` and
-//! `on_redis::<case>`.
+//! macro stamps out one `#[tokio::test]` per case and backend: `in_memory::<case>`,
+//! `on_redis::<case>`, `on_sentinel::<case>` and `on_cluster::<case>`.
 //!
 //! Redis does not work under tokio's paused clock, so the suite runs on real time with short
 //! leases and TTLs; a real wait appears only where a TTL or lease has to pass.
@@ -68,8 +69,47 @@ struct Backend {
 
 #[cfg(feature = "redis")]
 struct OnRedis {
-    server: redis_server::RedisServer,
+    deployment: Deployment,
     stores: Vec<tower_refresh_coalesce::store::RedisStore>,
+}
+
+/// The Redis processes a backend runs on.
+#[cfg(feature = "redis")]
+enum Deployment {
+    Standalone(redis_server::RedisServer),
+    Sentinel(redis_server::RedisSentinel),
+    Cluster(redis_server::RedisCluster),
+}
+
+#[cfg(feature = "redis")]
+impl OnRedis {
+    /// The one server of a standalone backend (the cases of `redis_only` kill and dump it).
+    fn server(&self) -> &redis_server::RedisServer {
+        match &self.deployment {
+            Deployment::Standalone(server) => server,
+            _ => panic!("a standalone backend"),
+        }
+    }
+
+    fn server_mut(&mut self) -> &mut redis_server::RedisServer {
+        match &mut self.deployment {
+            Deployment::Standalone(server) => server,
+            _ => panic!("a standalone backend"),
+        }
+    }
+
+    /// The servers whose masters hold the keys.
+    fn masters(&self) -> Vec<&redis_server::RedisServer> {
+        match &self.deployment {
+            Deployment::Standalone(server) => vec![server],
+            Deployment::Sentinel(sentinel) => vec![sentinel.node(sentinel.master())],
+            Deployment::Cluster(cluster) => cluster
+                .masters()
+                .into_iter()
+                .map(|n| cluster.node(n))
+                .collect(),
+        }
+    }
 }
 
 impl Backend {
@@ -124,11 +164,15 @@ impl Backend {
     async fn reads(&self) -> u64 {
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.redis {
-            let stats = redis.server.command_stats().await;
-            return ["evalsha", "eval"]
-                .iter()
-                .filter_map(|name| stats.get(*name))
-                .sum();
+            let mut reads = 0;
+            for master in redis.masters() {
+                let stats = master.command_stats().await;
+                reads += ["evalsha", "eval"]
+                    .iter()
+                    .filter_map(|name| stats.get(*name))
+                    .sum::<u64>();
+            }
+            return reads;
         }
         0
     }
@@ -164,13 +208,58 @@ fn memory() -> Backend {
     Backend::new("memory", stores)
 }
 
+/// The deployment secret every Redis backend seals with.
+#[cfg(feature = "redis")]
+const STORE_SECRET: &[u8] = b"conformance deployment secret, 32";
+
 #[cfg(feature = "redis")]
 fn redis() -> Backend {
     use tower_refresh_coalesce::store::RedisStore;
     let server = redis_server::RedisServer::start();
-    let redis_stores: Vec<RedisStore> = (0..HANDLES)
+    let stores = (0..HANDLES)
+        .map(|_| RedisStore::standalone(server.client(), STORE_SECRET))
+        .collect();
+    on_redis("redis", Deployment::Standalone(server), stores)
+}
+
+#[cfg(feature = "redis")]
+fn sentinel() -> Backend {
+    use tower_refresh_coalesce::store::RedisStore;
+    let sentinel = redis_server::RedisSentinel::start();
+    let stores = (0..HANDLES)
         .map(|_| {
-            RedisStore::builder(server.client(), b"conformance deployment secret, 32")
+            RedisStore::sentinel(
+                sentinel.sentinel_urls(),
+                sentinel.master_name(),
+                STORE_SECRET,
+            )
+        })
+        .collect();
+    on_redis("sentinel", Deployment::Sentinel(sentinel), stores)
+}
+
+#[cfg(feature = "redis")]
+fn cluster() -> Backend {
+    use tower_refresh_coalesce::store::RedisStore;
+    let cluster = redis_server::RedisCluster::three_masters();
+    let stores = (0..HANDLES)
+        // No replicas to wait for.
+        .map(|_| RedisStore::cluster(cluster.seed_urls(), STORE_SECRET).min_replicas(0))
+        .collect();
+    on_redis("cluster", Deployment::Cluster(cluster), stores)
+}
+
+/// A backend of one `RedisStore` per builder, on `deployment`.
+#[cfg(feature = "redis")]
+fn on_redis(
+    name: &'static str,
+    deployment: Deployment,
+    builders: Vec<tower_refresh_coalesce::store::RedisStoreBuilder>,
+) -> Backend {
+    let redis_stores: Vec<_> = builders
+        .into_iter()
+        .map(|builder| {
+            builder
                 .poll_interval(POLL_INTERVAL)
                 .build()
                 .expect("a RedisStore builds without waiting for Redis")
@@ -180,9 +269,9 @@ fn redis() -> Backend {
         .iter()
         .map(|store| Arc::new(store.clone()) as Arc<dyn Store>)
         .collect();
-    let mut backend = Backend::new("redis", stores);
+    let mut backend = Backend::new(name, stores);
     backend.redis = Some(OnRedis {
-        server,
+        deployment,
         stores: redis_stores,
     });
     backend
@@ -237,6 +326,8 @@ fn assert_stored(stored: Option<Stored>, value: &[u8], replay: bool, ttl: Durati
 // ---------------------------------------------------------------------------------------
 use elections::{
     a_release_by_a_foreign_fence_keeps_the_lock_and_the_owners_frees_it,
+    a_won_election_is_acknowledged_by_as_many_replicas_as_the_store_requires,
+    an_election_after_a_replay_was_stored_takes_no_lock_and_reports_the_replay,
     an_expired_lease_lets_another_fence_win, electing_again_with_the_winning_fence_reports_a_win,
     loading_a_key_nothing_was_stored_for_finds_nothing,
     the_first_election_wins_and_the_second_loses_naming_the_first_fence,
@@ -280,6 +371,26 @@ macro_rules! conformance {
                 }
             )*
         }
+
+        #[cfg(feature = "redis")]
+        mod on_sentinel {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::sentinel()).await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "redis")]
+        mod on_cluster {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::cluster()).await;
+                }
+            )*
+        }
     };
 }
 
@@ -289,6 +400,8 @@ conformance!(
     electing_again_with_the_winning_fence_reports_a_win,
     a_release_by_a_foreign_fence_keeps_the_lock_and_the_owners_frees_it,
     an_expired_lease_lets_another_fence_win,
+    a_won_election_is_acknowledged_by_as_many_replicas_as_the_store_requires,
+    an_election_after_a_replay_was_stored_takes_no_lock_and_reports_the_replay,
     a_stored_replay_is_loaded_with_its_ttl_only_under_the_same_seal,
     a_late_leader_completing_a_second_replay_gets_the_first_value,
     a_wait_returns_the_replay_as_soon_as_the_leader_completes_later,

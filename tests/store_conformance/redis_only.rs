@@ -19,32 +19,33 @@ async fn store_one_of_everything(b: &Backend) -> (Fingerprint, Fingerprint, Fenc
             &leader,
             &SEAL,
             PLAINTEXT.to_vec(),
-            replay(TTL),
-            &in_group(&group),
+            Keep::Flight { ttl: TTL },
+            &FRESH,
         )
         .await
         .unwrap();
+    // Completing with a flight outcome released the lock; take it again (no replay is
+    // stored yet, so the election can be won), then store the replay, which keeps it.
+    assert_eq!(
+        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
+        Election::Won { generation: 0 }
+    );
     b.store(0)
         .complete(
             &k,
             &leader,
             &SEAL,
             PLAINTEXT.to_vec(),
-            Keep::Flight { ttl: TTL },
-            &FRESH,
+            replay(TTL),
+            &in_group(&group),
         )
         .await
         .unwrap();
-    // Completing with a flight outcome released the lock; take it again for the dump.
-    assert_eq!(
-        b.store(0).elect(&k, &leader, LEASE).await.unwrap(),
-        Election::Won { generation: 0 }
-    );
     (k, group, leader)
 }
 
 fn dump_of(b: &Backend) -> &redis_server::RedisServer {
-    &b.redis.as_ref().expect("a redis backend").server
+    b.redis.as_ref().expect("a redis backend").server()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -59,7 +60,7 @@ async fn the_first_command_after_redis_restarts_succeeds() {
     let k = key("restart");
     assert_eq!(b.store(0).load(&k, &SEAL, None).await.unwrap(), None);
 
-    b.redis.as_mut().unwrap().server.kill();
+    b.redis.as_mut().unwrap().server_mut().kill();
     let gone = until(|| !b.redis.as_ref().unwrap().stores[0].is_subscribed());
     timeout(SETTLE, gone).await.expect("the subscriber notices");
     assert!(
@@ -69,7 +70,7 @@ async fn the_first_command_after_redis_restarts_succeeds() {
     // A real wait: the outage lasts a second, longer than the connection's own attempts to
     // reconnect after that failure.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    b.redis.as_mut().unwrap().server.restart();
+    b.redis.as_mut().unwrap().server_mut().restart();
     // Redis answers this process again: the store's subscriber is back.
     b.settle().await;
 
@@ -209,4 +210,28 @@ async fn the_generations_invalidations_leave_expire_after_their_life() {
         );
         assert_eq!(value, b"1");
     }
+}
+
+#[tokio::test]
+async fn an_election_no_replica_acknowledges_is_reported_within_the_budget() {
+    use tower_refresh_coalesce::store::RedisStore;
+    // A standalone server has no replica: `WAIT 1` can only run out its timeout.
+    let server = redis_server::RedisServer::start();
+    let budget = Duration::from_millis(400);
+    let store = RedisStore::standalone(server.client(), STORE_SECRET)
+        .min_replicas(1)
+        .command_timeout(budget)
+        .build()
+        .unwrap();
+    let k = key("unreplicated");
+    assert_eq!(
+        store.elect(&k, &Fence::random(), LEASE).await.unwrap(),
+        Election::Won { generation: 0 }
+    );
+    let started = Instant::now();
+    let replicated = store.replicate(&k).await.expect("an answer, not an error");
+    assert!(!replicated, "no replica acknowledged the lock");
+    // It waited (half the budget, on the server) and still answered within the budget.
+    let took = started.elapsed();
+    assert!(took >= budget / 2, "WAIT returned after {took:?}");
 }

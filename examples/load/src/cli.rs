@@ -46,6 +46,61 @@ pub(crate) struct TargetArgs {
     /// reported for each storm (needs --features redis)
     #[arg(long, value_name = "URL", global = true)]
     pub(crate) redis: Option<String>,
+
+    /// A seed node of a Redis Cluster to coordinate through instead (repeatable); every
+    /// node's INFO commandstats and cluster-bus messages are reported
+    #[arg(long = "redis-cluster", value_name = "URL", global = true)]
+    pub(crate) redis_cluster: Vec<String>,
+
+    /// A Redis Sentinel to find the master through instead (repeatable; with
+    /// --redis-master); the master's and replicas' INFO commandstats are reported
+    #[arg(long = "redis-sentinel", value_name = "URL", global = true)]
+    pub(crate) redis_sentinel: Vec<String>,
+
+    /// The name the sentinels know the master by
+    #[arg(long = "redis-master", value_name = "NAME", global = true)]
+    pub(crate) redis_master: Option<String>,
+
+    /// Replicas that must acknowledge an election (server's --redis-min-replicas)
+    #[arg(long = "redis-min-replicas", value_name = "N", global = true)]
+    pub(crate) redis_min_replicas: Option<u32>,
+
+    /// Start the instances as `server` processes (the binary next to this one, or
+    /// --server-bin) instead of in this process
+    #[arg(long, global = true)]
+    pub(crate) processes: bool,
+
+    /// The `server` binary for --processes [default: next to this binary]
+    #[arg(long, value_name = "PATH", global = true)]
+    pub(crate) server_bin: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    /// Whether the instances coordinate through a Redis of any topology.
+    pub(crate) fn uses_redis(&self) -> bool {
+        self.redis.is_some() || !self.redis_cluster.is_empty() || !self.redis_sentinel.is_empty()
+    }
+
+    /// The server's command-line flags for the Redis options.
+    pub(crate) fn redis_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        if let Some(url) = &self.redis {
+            flags.extend(["--redis".to_owned(), url.clone()]);
+        }
+        for seed in &self.redis_cluster {
+            flags.extend(["--redis-cluster".to_owned(), seed.clone()]);
+        }
+        for sentinel in &self.redis_sentinel {
+            flags.extend(["--redis-sentinel".to_owned(), sentinel.clone()]);
+        }
+        if let Some(master) = &self.redis_master {
+            flags.extend(["--redis-master".to_owned(), master.clone()]);
+        }
+        if let Some(replicas) = self.redis_min_replicas {
+            flags.extend(["--redis-min-replicas".to_owned(), replicas.to_string()]);
+        }
+        flags
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]

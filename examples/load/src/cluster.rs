@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use server::harness::{self, TempDir, TestServer};
+use std::time::Duration;
+
+use server::harness::{self, Client, ServerProcess, TempDir, TestServer};
 
 use crate::Error;
 use crate::cli::TargetArgs;
@@ -13,6 +15,7 @@ pub(crate) struct Cluster {
     pub(crate) description: String,
     pub(crate) in_process: bool,
     pub(crate) _servers: Vec<TestServer>,
+    pub(crate) _processes: Vec<ServerProcess>,
     pub(crate) _dir: Option<TempDir>,
 }
 
@@ -35,8 +38,12 @@ impl Cluster {
                 bases: bases.into(),
                 in_process: false,
                 _servers: Vec::new(),
+                _processes: Vec::new(),
                 _dir: None,
             });
+        }
+        if args.processes {
+            return Self::spawn(args, instances, no_coalesce).await;
         }
         let dir = (instances > 1).then(|| TempDir::new("load")).transpose()?;
         let db = dir.as_ref().map(|dir| dir.join("tokens.db"));
@@ -50,6 +57,10 @@ impl Cluster {
                 refresh_delay_ms: args.refresh_delay_ms,
                 no_coalesce,
                 redis: args.redis.clone(),
+                redis_cluster: args.redis_cluster.clone(),
+                redis_sentinel: args.redis_sentinel.clone(),
+                redis_master: args.redis_master.clone(),
+                redis_min_replicas: args.redis_min_replicas,
                 ..harness::config()
             };
             servers.push(TestServer::start(config).await?);
@@ -67,16 +78,69 @@ impl Cluster {
             } else {
                 "in memory"
             },
-            args.redis
-                .as_deref()
-                .map_or(String::new(), |url| format!(", Redis {url}")),
+            redis_description(args),
         );
         Ok(Self {
             bases: servers.iter().map(|s| s.base().to_owned()).collect(),
             description,
             in_process: true,
             _servers: servers,
+            _processes: Vec::new(),
             _dir: dir,
+        })
+    }
+
+    /// `instances` server processes sharing one SQLite file, started as an operator starts
+    /// them, with the same settings as in-process servers.
+    async fn spawn(args: &TargetArgs, instances: usize, no_coalesce: bool) -> Result<Self, Error> {
+        let binary = match &args.server_bin {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?.with_file_name("server"),
+        };
+        let dir = TempDir::new("load")?;
+        let mut flags = vec![
+            "--db".to_owned(),
+            dir.join("tokens.db").display().to_string(),
+            "--ttl".to_owned(),
+            args.ttl.to_string(),
+            "--wait-timeout".to_owned(),
+            args.wait_timeout.to_string(),
+            "--refresh-delay-ms".to_owned(),
+            args.refresh_delay_ms.to_string(),
+            "--secret".to_owned(),
+            "load tool deployment secret, shared by every process".to_owned(),
+        ];
+        if no_coalesce {
+            flags.push("--no-coalesce".to_owned());
+        }
+        flags.extend(args.redis_flags());
+        let client = Client::new();
+        let mut processes = Vec::with_capacity(instances);
+        // One after the other: the first one creates the schema the others find.
+        for _ in 0..instances {
+            let process = ServerProcess::spawn(&binary, &flags).map_err(|error| {
+                format!("cannot start {} (--server-bin): {error}", binary.display())
+            })?;
+            process.ready(&client, Duration::from_secs(30)).await?;
+            processes.push(process);
+        }
+        let description = format!(
+            "{instances} server process{} ({}, ttl {} s, wait-timeout {} s, refresh delay {} ms, \
+             SQLite file shared{})",
+            if instances == 1 { "" } else { "es" },
+            if no_coalesce { "no layer" } else { "layer on" },
+            args.ttl,
+            args.wait_timeout,
+            args.refresh_delay_ms,
+            redis_description(args),
+        );
+        Ok(Self {
+            bases: processes.iter().map(ServerProcess::base).collect(),
+            description,
+            in_process: false,
+            _servers: Vec::new(),
+            _processes: processes,
+            _dir: Some(dir),
         })
     }
 
@@ -95,6 +159,22 @@ impl Cluster {
                  limit is {limit}: expect connection errors (lower --concurrency or raise ulimit -n)"
             );
         }
+    }
+}
+
+/// How the instances coordinate, for a run's description.
+fn redis_description(args: &TargetArgs) -> String {
+    if let Some(url) = &args.redis {
+        format!(", Redis {url}")
+    } else if !args.redis_cluster.is_empty() {
+        format!(", Redis Cluster {}", args.redis_cluster.join(" "))
+    } else if let Some(master) = &args.redis_master {
+        format!(
+            ", Redis Sentinel {} master {master}",
+            args.redis_sentinel.join(" ")
+        )
+    } else {
+        String::new()
     }
 }
 

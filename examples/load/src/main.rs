@@ -74,7 +74,7 @@ const SETTLE: Duration = Duration::from_millis(200);
 
 async fn run(cli: &Cli) -> Result<(), Error> {
     let (target, runs) = (&cli.target, cli.runs);
-    if cfg!(not(feature = "redis")) && target.redis.is_some() {
+    if cfg!(not(feature = "redis")) && target.uses_redis() {
         return Err(counters::NO_REDIS_FEATURE.into());
     }
     let summary = match &cli.mode {

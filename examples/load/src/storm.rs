@@ -9,8 +9,7 @@ use server::harness::Client;
 use crate::cli::{StormShape, TargetArgs};
 use crate::cluster::{Cluster, loadavg, plural};
 use crate::counters::{
-    CommandStats, CounterDelta, RedisProbe, command_stats, command_stats_delta, redis_probe,
-    scrape_all,
+    CounterDelta, NodeStats, RedisProbe, command_stats, node_stats_delta, redis_probe, scrape_all,
 };
 use crate::fire::{Fired, fire, list, storm_shots, warm_up};
 use crate::requests::{Call, logins};
@@ -21,7 +20,7 @@ use crate::{Error, SETTLE};
 pub(crate) struct StormRun {
     pub(crate) fired: Fired,
     pub(crate) counters: CounterDelta,
-    pub(crate) redis: Option<CommandStats>,
+    pub(crate) redis: Option<NodeStats>,
     pub(crate) ceiling: Fired,
 }
 
@@ -54,7 +53,7 @@ pub(crate) async fn storm_run(
     let redis_after = command_stats(probe).await?;
     let redis = redis_before
         .zip(redis_after)
-        .map(|(before, after)| command_stats_delta(&before, &after));
+        .map(|(before, after)| node_stats_delta(&before, &after));
 
     let healthz = storm_shots(&[Call::Healthz], shape.total(), cluster.len());
     let client = storm_client(cluster, shape).await?;
@@ -142,16 +141,25 @@ impl StormRun {
             }
         }
         if let Some(redis) = &self.redis {
-            let total: u64 = redis.values().sum();
-            let per_command: Vec<String> = redis
-                .iter()
-                .map(|(name, n)| format!("{name} {n}"))
-                .collect();
+            let total = redis_total(redis);
+            for (node, stats) in redis {
+                let per_command: Vec<String> = stats
+                    .iter()
+                    .map(|(name, n)| format!("{name} {n}"))
+                    .collect();
+                let _ = writeln!(
+                    text,
+                    "  redis {node} during the storm (INFO commandstats, all clients): {}",
+                    if per_command.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        per_command.join(", ")
+                    }
+                );
+            }
             let _ = writeln!(
                 text,
-                "  redis commands during the storm (INFO commandstats, all clients): {}; total {}, \
-                 {:.1} per instance",
-                per_command.join(", "),
+                "  redis commands during the storm, every node: {}, {:.1} per instance",
                 total,
                 total as f64 / cluster.len() as f64
             );
@@ -233,9 +241,21 @@ impl StormRun {
             );
         }
         if let Some(redis) = &self.redis {
-            let total: u64 = redis.values().sum();
-            for (name, n) in redis {
-                figures.add(format!("{prefix}redis {name}"), *n as f64, Unit::Count);
+            let total = redis_total(redis);
+            let mut by_name = std::collections::BTreeMap::<&str, u64>::new();
+            for (node, stats) in redis {
+                let commands: u64 = commands_of(stats).map(|(_, n)| n).sum();
+                figures.add(
+                    format!("{prefix}redis commands on {node}"),
+                    commands as f64,
+                    Unit::Count,
+                );
+                for (name, n) in stats {
+                    *by_name.entry(name).or_default() += n;
+                }
+            }
+            for (name, n) in by_name {
+                figures.add(format!("{prefix}redis {name}"), n as f64, Unit::Count);
             }
             figures.add(format!("{prefix}redis commands"), total as f64, Unit::Count);
             figures.add(
@@ -245,6 +265,22 @@ impl StormRun {
             );
         }
     }
+}
+
+/// The commands of one node's counts (the cluster-bus messages are not commands).
+fn commands_of(stats: &crate::counters::CommandStats) -> impl Iterator<Item = (&str, u64)> {
+    stats
+        .iter()
+        .filter(|(name, _)| !name.starts_with("bus "))
+        .map(|(name, n)| (name.as_str(), *n))
+}
+
+/// Every node's commands, summed.
+fn redis_total(redis: &NodeStats) -> u64 {
+    redis
+        .iter()
+        .map(|(_, stats)| commands_of(stats).map(|(_, n)| n).sum::<u64>())
+        .sum()
 }
 
 /// Storm latency on the leader's instance against the other instances.
@@ -300,7 +336,7 @@ pub(crate) async fn storm_mode(
         clusters[0].1.len(),
         plural(clusters[0].1.len()),
     );
-    if clusters[0].1.len() > 1 && target.redis.is_none() && target.targets.is_empty() {
+    if clusters[0].1.len() > 1 && !target.uses_redis() && target.targets.is_empty() {
         println!(
             "note: several instances without --redis each refresh the token: expect reuse detection"
         );

@@ -29,32 +29,60 @@ pub fn layer(config: &Config, secret: &[u8], keys: &TokenKeys) -> Result<Layer, 
         .ttl(config.ttl_duration())
         .wait_timeout(config.wait_timeout_duration())
         .share(HttpShare::new().invalid_grant_status(INVALID_GRANT_STATUS));
-    if let Some(url) = &config.redis {
-        builder = builder.store(redis_store(url, secret)?);
+    if let Some(store) = redis_store(config, secret)? {
+        builder = builder.store(store).require_store(config.require_redis);
     }
     Ok(builder.build())
 }
 
+/// The Redis store the `--redis*` flags name, if any.
 #[cfg(feature = "redis")]
 fn redis_store(
-    url: &str,
+    config: &Config,
     secret: &[u8],
-) -> Result<tower_refresh_coalesce::store::RedisStore, BoxError> {
-    let client = redis::Client::open(url)?;
+) -> Result<Option<tower_refresh_coalesce::store::RedisStore>, BoxError> {
+    use tower_refresh_coalesce::store::RedisStore;
+
     let seal_secret = crypto::hmac_sha256(secret, b"redis-seal");
-    let store = tower_refresh_coalesce::store::RedisStore::builder(client, seal_secret).build()?;
-    // The URL may carry a password: log it redacted.
-    let url = super::redact_url(url);
-    tracing::info!(%url, "coordinating with other instances through redis");
-    Ok(store)
+    // The URLs may carry passwords: they are logged redacted.
+    let builder = if let Some(url) = &config.redis {
+        tracing::info!(url = %super::redact_url(url), "coordinating with other instances through redis");
+        RedisStore::standalone(redis::Client::open(url.as_str())?, seal_secret)
+    } else if !config.redis_cluster.is_empty() {
+        tracing::info!(seeds = ?super::redact_urls(&config.redis_cluster), "coordinating with other instances through a redis cluster");
+        RedisStore::cluster(config.redis_cluster.iter().map(String::as_str), seal_secret)
+    } else if let Some(master) = &config.redis_master {
+        tracing::info!(sentinels = ?super::redact_urls(&config.redis_sentinel), %master, "coordinating with other instances through redis sentinel");
+        RedisStore::sentinel(
+            config.redis_sentinel.iter().map(String::as_str),
+            master.as_str(),
+            seal_secret,
+        )
+    } else {
+        return Ok(None);
+    };
+    let builder = match config.redis_min_replicas {
+        Some(replicas) => builder.min_replicas(replicas),
+        None => builder,
+    };
+    Ok(Some(builder.build()?))
 }
 
 #[cfg(not(feature = "redis"))]
 fn redis_store(
-    _url: &str,
+    config: &Config,
     _secret: &[u8],
-) -> Result<tower_refresh_coalesce::store::MemoryStore, BoxError> {
-    Err("--redis needs the `redis` feature: cargo run --release -p server --features redis".into())
+) -> Result<Option<tower_refresh_coalesce::store::MemoryStore>, BoxError> {
+    let wants_redis = config.redis.is_some()
+        || !config.redis_cluster.is_empty()
+        || !config.redis_sentinel.is_empty();
+    if wants_redis {
+        return Err(
+            "the --redis flags need the `redis` feature: cargo run --release -p server --features redis"
+                .into(),
+        );
+    }
+    Ok(None)
 }
 
 /// Exposes the layer's [`Stats`](tower_refresh_coalesce::Stats) on each scrape.

@@ -84,8 +84,8 @@ pub const REFRESH_PATH: &str = "/auth/refresh";
 
 /// Command-line configuration of the reference server.
 ///
-/// `ttl`, `wait_timeout`, `no_coalesce` and `redis` configure the coalescing layer; the
-/// inner application only keeps them.
+/// `ttl`, `wait_timeout`, `no_coalesce` and the `redis` flags configure the coalescing
+/// layer; the inner application only keeps them.
 #[derive(Clone, clap::Parser)]
 #[command(
     name = "server",
@@ -136,8 +136,37 @@ pub struct Config {
     pub secret: Option<String>,
 
     /// Redis URL to coordinate the coalescing layer across instances
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["redis_cluster", "redis_sentinel"])]
     pub redis: Option<String>,
+
+    /// A seed node of a Redis Cluster to coordinate through instead (repeatable)
+    #[arg(
+        long = "redis-cluster",
+        value_name = "URL",
+        conflicts_with = "redis_sentinel"
+    )]
+    pub redis_cluster: Vec<String>,
+
+    /// A Redis Sentinel to find the master through instead (repeatable; with --redis-master)
+    #[arg(long = "redis-sentinel", value_name = "URL", requires = "redis_master")]
+    pub redis_sentinel: Vec<String>,
+
+    /// The name the sentinels know the master by
+    #[arg(
+        long = "redis-master",
+        value_name = "NAME",
+        requires = "redis_sentinel"
+    )]
+    pub redis_master: Option<String>,
+
+    /// Replicas that must acknowledge an election before its leader refreshes
+    /// [default: 0 with --redis, 1 with --redis-cluster or --redis-sentinel]
+    #[arg(long = "redis-min-replicas", value_name = "N")]
+    pub redis_min_replicas: Option<u32>,
+
+    /// Answer 503 rather than refresh on this instance alone while Redis is unreachable
+    #[arg(long)]
+    pub require_redis: bool,
 
     /// Access-token lifetime in seconds
     #[arg(long, value_name = "SECS", default_value_t = 900)]
@@ -163,6 +192,11 @@ impl Default for Config {
             no_coalesce: false,
             secret: None,
             redis: None,
+            redis_cluster: Vec::new(),
+            redis_sentinel: Vec::new(),
+            redis_master: None,
+            redis_min_replicas: None,
+            require_redis: false,
             access_ttl: 900,
             refresh_ttl: 14 * 24 * 3600,
         }
@@ -182,6 +216,11 @@ impl std::fmt::Debug for Config {
             .field("no_coalesce", &self.no_coalesce)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("redis", &self.redis.as_deref().map(redact_url))
+            .field("redis_cluster", &redact_urls(&self.redis_cluster))
+            .field("redis_sentinel", &redact_urls(&self.redis_sentinel))
+            .field("redis_master", &self.redis_master)
+            .field("redis_min_replicas", &self.redis_min_replicas)
+            .field("require_redis", &self.require_redis)
             .field("access_ttl", &self.access_ttl)
             .field("refresh_ttl", &self.refresh_ttl)
             .finish()
@@ -353,6 +392,15 @@ impl std::fmt::Debug for ClientSpec {
 /// (`redis+unix:///run/redis.sock?pass=...`).
 /// For logs and `Debug` output; the real URL is only handed to the Redis client.
 pub fn redact_url(url: &str) -> String {
+    redact_one(url)
+}
+
+/// [`redact_url`] of each URL.
+pub fn redact_urls(urls: &[String]) -> Vec<String> {
+    urls.iter().map(|url| redact_url(url)).collect()
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, after)) = url.split_once("://") else {
         // Not a URL we understand: it may be anything, so show none of it.
         return "<redacted>".to_owned();

@@ -1,5 +1,6 @@
 //! Three reference-server processes, started the way an operator starts them, sharing one
-//! SQLite file and one Redis: a storm spread over them rotates the token once.
+//! SQLite file and one Redis (standalone, a Sentinel set or a Redis Cluster): a storm spread
+//! over them rotates the token once.
 #![cfg(feature = "redis")]
 
 use std::collections::HashSet;
@@ -10,19 +11,14 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use server::harness::{Client, ServerProcess};
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisSentinel, RedisServer};
 
-/// The `server` binary of this crate, started with the shared database and Redis, and a
-/// slow upstream so that the storm overlaps the refresh on every instance.
-fn spawn(db: &std::path::Path, redis: &str) -> ServerProcess {
-    let args = [
-        "--db".as_ref(),
-        db.as_os_str(),
-        "--redis".as_ref(),
-        redis.as_ref(),
-        "--refresh-delay-ms".as_ref(),
-        "300".as_ref(),
-    ];
+/// The `server` binary of this crate, started with the shared database, the Redis flags
+/// `redis`, and a slow upstream so that the storm overlaps the refresh on every instance.
+fn spawn(db: &std::path::Path, redis: &[String]) -> ServerProcess {
+    let mut args: Vec<std::ffi::OsString> = vec!["--db".into(), db.into()];
+    args.extend(redis.iter().map(Into::into));
+    args.extend(["--refresh-delay-ms".into(), "300".into()]);
     ServerProcess::spawn(env!("CARGO_BIN_EXE_server"), args).expect("the server starts")
 }
 
@@ -43,13 +39,47 @@ async fn rotations(client: &Client, base: &str) -> u64 {
 async fn three_server_processes_sharing_a_database_and_redis_rotate_a_storm_once() {
     let redis = RedisServer::start();
     let db = redis.dir().join("tokens.db");
+    storm_over_three_processes(&db, &["--redis".into(), redis.url()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_server_processes_sharing_a_database_and_a_redis_cluster_rotate_a_storm_once() {
+    let cluster = RedisCluster::three_masters();
+    let db = cluster.node(0).dir().join("tokens.db");
+    let mut flags = Vec::new();
+    for seed in cluster.seed_urls() {
+        flags.extend(["--redis-cluster".to_owned(), seed]);
+    }
+    // The cluster has no replicas to wait for.
+    flags.extend(["--redis-min-replicas".to_owned(), "0".to_owned()]);
+    storm_over_three_processes(&db, &flags).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_server_processes_sharing_a_database_and_a_sentinel_set_rotate_a_storm_once() {
+    let sentinel = RedisSentinel::start();
+    let db = sentinel.node(0).dir().join("tokens.db");
+    let mut flags = Vec::new();
+    for url in sentinel.sentinel_urls() {
+        flags.extend(["--redis-sentinel".to_owned(), url]);
+    }
+    flags.extend([
+        "--redis-master".to_owned(),
+        sentinel.master_name().to_owned(),
+    ]);
+    storm_over_three_processes(&db, &flags).await;
+}
+
+/// Three processes on one database file and the Redis `flags` name; a storm of 1,500
+/// refreshes of one token spread over them.
+async fn storm_over_three_processes(db: &std::path::Path, flags: &[String]) {
     let client = Client::new();
     let ready = Duration::from_secs(30);
 
     // The first process creates the schema and the shared secret; the others find them.
-    let first = spawn(&db, &redis.url());
+    let first = spawn(db, flags);
     first.ready(&client, ready).await.expect("ready");
-    let others = [spawn(&db, &redis.url()), spawn(&db, &redis.url())];
+    let others = [spawn(db, flags), spawn(db, flags)];
     for process in &others {
         process.ready(&client, ready).await.expect("ready");
     }

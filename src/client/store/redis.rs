@@ -10,8 +10,9 @@
 //! | `{prefix}:{fp}:cred` | the session (tokens with their expiry, or how it ended), sealed (XChaCha20-Poly1305) under the store's secret, binding the generation |
 //! | `{prefix}:{fp}:lock` | the refresh lock: the store's election (`SET NX PX` with a fence) |
 //!
-//! A swap publishes on `{prefix}:{fp}:done`, which the store's one pub/sub connection turns
-//! into a wake-up of this process's waiters; waiters also poll.
+//! A swap announces itself on `{prefix}:{fp}:done` as the store's own completions are
+//! announced (`PUBLISH`, or `SPUBLISH` in a cluster), which the store's pub/sub turns into a
+//! wake-up of this process's waiters; waiters also poll.
 
 use std::{
     fmt,
@@ -61,6 +62,7 @@ pub struct RedisCredentialStore {
     key: Fingerprint,
     name: String,
     life: Duration,
+    scripts: std::sync::Arc<Scripts>,
 }
 
 impl RedisCredentialStore {
@@ -73,6 +75,7 @@ impl RedisCredentialStore {
             key: Fingerprint::of(input),
             name: name.to_owned(),
             life: Duration::from_secs(30 * 86_400),
+            scripts: std::sync::Arc::new(Scripts::new(store.announce_command())),
         }
     }
 
@@ -115,7 +118,7 @@ impl RedisCredentialStore {
         let (generation, sealed): (u64, Vec<u8>) = self
             .store
             .run_command(
-                scripts()
+                self.scripts
                     .load
                     .key(self.name_of("cgen"))
                     .key(self.name_of("cred"))
@@ -135,21 +138,24 @@ struct Scripts {
     swap: Script,
 }
 
-fn scripts() -> &'static Scripts {
-    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
-    SCRIPTS.get_or_init(|| Scripts {
-        load: Script::new(
-            r"return {tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('GET', KEYS[2]) or ''}",
-        ),
-        swap: Script::new(
-            r"local g = tonumber(redis.call('GET', KEYS[1]) or '0')
-              if g ~= tonumber(ARGV[1]) then return {0, g, redis.call('GET', KEYS[2]) or ''} end
-              redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-              redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
-              redis.call('PUBLISH', ARGV[5], 'credentials')
-              return {1, tonumber(ARGV[2]), ''}",
-        ),
-    })
+impl Scripts {
+    /// The scripts, announcing a swap with `announce` (`PUBLISH`, or `SPUBLISH` in a
+    /// cluster), as the store's own scripts do.
+    fn new(announce: &str) -> Self {
+        Self {
+            load: Script::new(
+                r"return {tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('GET', KEYS[2]) or ''}",
+            ),
+            swap: Script::new(&format!(
+                r"local g = tonumber(redis.call('GET', KEYS[1]) or '0')
+                  if g ~= tonumber(ARGV[1]) then return {{0, g, redis.call('GET', KEYS[2]) or ''}} end
+                  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+                  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+                  redis.call('{announce}', ARGV[5], 'credentials')
+                  return {{1, tonumber(ARGV[2]), ''}}"
+            )),
+        }
+    }
 }
 
 impl CredentialStore for RedisCredentialStore {
@@ -171,7 +177,7 @@ impl CredentialStore for RedisCredentialStore {
             let (done, generation, current): (i64, u64, Vec<u8>) = self
                 .store
                 .run_command(
-                    scripts()
+                    self.scripts
                         .swap
                         .key(self.name_of("cgen"))
                         .key(self.name_of("cred"))
@@ -202,7 +208,9 @@ impl CredentialStore for RedisCredentialStore {
                     }
                     Ok(true)
                 }
-                Election::Lost { .. } => Ok(false),
+                // Held by another process (`Replay` is for the keys of refresh results, which
+                // this one is not: it counts as held).
+                _ => Ok(false),
             }
         })
     }
@@ -213,7 +221,7 @@ impl CredentialStore for RedisCredentialStore {
 
     fn wait(&self, after: u64, deadline: Instant) -> StoreFuture<'_, Option<Snapshot>> {
         Box::pin(async move {
-            let notify = self.store.wake_up(&self.key);
+            let notify = self.store.wake_up(&self.key).await;
             let result = loop {
                 // Registered before the read: a swap between the read and the wait wakes us.
                 let woken = notify.notified();

@@ -1,13 +1,13 @@
 //! What other parts of the crate may use of a [`RedisStore`]'s machinery: its connection
-//! (with the command budget), key names, sealing, and the wake-ups of its one pub/sub
-//! connection. The client side's credential store is built on these.
+//! (with the command budget), key names, sealing, how it announces completions, and the
+//! wake-ups of its pub/sub. The client side's credential store is built on these.
 
 use std::{sync::Arc, time::Duration};
 
 use redis::{RedisResult, aio::ConnectionLike};
 use tokio::sync::Notify;
 
-use super::RedisStore;
+use super::{RedisStore, scripts::Announce};
 use crate::{
     key::Fingerprint,
     store::{StoreError, seal::Bound},
@@ -67,10 +67,19 @@ impl RedisStore {
         Some((bound.key_generation, bound.expires_ms, value))
     }
 
-    /// The wake-up of `key`'s local waiters; give it back with
-    /// [`forget_wake_up`](Self::forget_wake_up).
-    pub(crate) fn wake_up(&self, key: &Fingerprint) -> Arc<Notify> {
-        self.inner.waiter(key)
+    /// The wake-up of `key`'s local waiters (in a cluster, subscribed to the key's
+    /// channel before it returns); give it back with [`forget_wake_up`](Self::forget_wake_up).
+    pub(crate) async fn wake_up(&self, key: &Fingerprint) -> Arc<Notify> {
+        self.inner.waiter(key).await
+    }
+
+    /// The command that announces on a key's `done` channel, as the protocol's scripts send
+    /// it: `PUBLISH`, or `SPUBLISH` in a cluster (sharded pub/sub).
+    pub(crate) fn announce_command(&self) -> &'static str {
+        match self.inner.announce {
+            Announce::Classic => "PUBLISH",
+            Announce::Sharded => "SPUBLISH",
+        }
     }
 
     /// Gives back a wake-up from [`wake_up`](Self::wake_up).

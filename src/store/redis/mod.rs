@@ -25,9 +25,15 @@
 //! Completion is announced on `{prefix}:{fp}:done` (the message is the fence and the kind,
 //! never a token; an invalidation of the key announces itself there too, so that followers
 //! learn at once), invalidations on `{prefix}:invalidate`. Each instance holds **one**
-//! pub/sub connection, pattern-subscribed to every completion channel, and dispatches
-//! messages to its local waiters; waiters also poll, so a lost message costs at most one
-//! poll interval.
+//! pub/sub connection and dispatches messages to its local waiters; waiters also poll, so a
+//! lost message costs at most one poll interval. On a standalone server and with Sentinel,
+//! the connection is pattern-subscribed to every completion channel and completions are
+//! classic `PUBLISH`es. In a cluster, where a classic message crosses the cluster bus to
+//! every node and reaches every instance whether it waits or not, completions are sharded
+//! (`SPUBLISH`, within the key's shard), and an instance subscribes (`SSUBSCRIBE`) to the
+//! channel of each key it waits for, before its first read, until its last waiter of the
+//! key leaves: the messages then grow with the instances that wait, not with all of them
+//! (`docs/pubsub-cluster.md` has the measurement).
 
 use std::{
     collections::HashMap,
@@ -47,7 +53,12 @@ use redis::{
 };
 use tokio::sync::Notify;
 
-use self::{connection::Connection, names::Names, pubsub::Source, scripts::Scripts};
+use self::{
+    connection::Connection,
+    names::Names,
+    pubsub::Source,
+    scripts::{Announce, Scripts},
+};
 use super::{Fence, Generations, Listener, StoreError, StoreErrorKind, Stored, seal::Sealer};
 use crate::key::Fingerprint;
 
@@ -133,7 +144,8 @@ impl RedisStoreBuilder {
     }
 
     /// How many replicas must acknowledge an election before its leader calls the inner
-    /// service (`WAIT replicas command_timeout`, right after the lock is taken). Replication
+    /// service (`WAIT replicas timeout`, right after the lock is taken, waiting at most half
+    /// the command budget). Replication
     /// is asynchronous: a master that fails before its replica received the lock hands the
     /// next election to a second leader, whose refresh presents a token the first one is
     /// rotating. Waiting closes that window as far as the replicas acknowledge in time; a
@@ -173,12 +185,12 @@ impl RedisStoreBuilder {
             .set_max_delay(Duration::from_millis(500));
         let topology = self.topology.name();
         let connect_timeout = self.connect_timeout();
-        let (connection, source, min_replicas) = match self.topology {
+        let (connection, source, min_replicas, announce) = match self.topology {
             Topology::Invalid(error) => return Err(StoreError::new(error)),
             Topology::Standalone(client) => {
                 let connection =
                     Connection::standalone(client.clone(), config).map_err(StoreError::new)?;
-                (connection, Source::Standalone(client), 0)
+                (connection, Source::Standalone(client), 0, Announce::Classic)
             }
             Topology::Sentinel {
                 sentinels,
@@ -190,7 +202,12 @@ impl RedisStoreBuilder {
                         .map_err(StoreError::new)?;
                 let sentinels = Arc::new(tokio::sync::Mutex::new(sentinels));
                 let connection = Connection::sentinel(sentinels.clone(), config);
-                (connection, Source::Sentinel(sentinels), 1)
+                (
+                    connection,
+                    Source::Sentinel(sentinels),
+                    1,
+                    Announce::Classic,
+                )
             }
             Topology::Cluster(nodes) => {
                 let (pushes, received) = tokio::sync::mpsc::unbounded_channel();
@@ -201,7 +218,8 @@ impl RedisStoreBuilder {
                     .response_timeout(self.command_timeout)
                     .build()
                     .map_err(StoreError::new)?;
-                (Connection::cluster(client), Source::Cluster(received), 1)
+                let source = Source::Cluster(received);
+                (Connection::cluster(client), source, 1, Announce::Sharded)
             }
         };
         let inner = Arc::new(Inner {
@@ -217,7 +235,8 @@ impl RedisStoreBuilder {
             waiters: Mutex::new(HashMap::new()),
             subscribed: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
-            scripts: Scripts::new(),
+            announce,
+            scripts: Scripts::new(announce),
         });
         tokio::spawn(pubsub::subscribe_loop(Arc::downgrade(&inner), source));
         Ok(RedisStore { inner })
@@ -241,20 +260,32 @@ impl fmt::Debug for RedisStoreBuilder {
     }
 }
 
-/// A [`Store`] on Redis (standalone, or a cluster through the hash-tagged key names).
+/// A [`Store`](super::Store) on Redis: a standalone server ([`standalone`](Self::standalone)), the master a
+/// Sentinel group names ([`sentinel`](Self::sentinel)) or a Redis Cluster
+/// ([`cluster`](Self::cluster)), with one protocol: every script touches the keys of one
+/// token, which share a hash tag and so one cluster slot.
 ///
 /// Every instance of a deployment must use the same Redis, prefix and `secret`. The secret
 /// keys the encryption of stored values, together with a per-token key from the layer, so a
-/// Redis dump reveals no token.
+/// Redis dump reveals no token. What each topology keeps through a failover is in the
+/// crate docs ("What a failover of the store keeps, and what it does not").
 ///
 /// ```no_run
 /// use tower_refresh_coalesce::store::RedisStore;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// const SECRET: &[u8] = b"a deployment secret of 32 bytes!";
 /// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
-/// let store = RedisStore::builder(client, b"a deployment secret of 32 bytes!").build()?;
-/// # let _ = store;
+/// let standalone = RedisStore::standalone(client, SECRET).build()?;
+///
+/// let sentinels = ["redis://127.0.0.1:26379/", "redis://127.0.0.1:26380/"];
+/// let sentinel = RedisStore::sentinel(sentinels, "refresh", SECRET).build()?;
+///
+/// let cluster = RedisStore::cluster(["redis://127.0.0.1:7000/"], SECRET)
+///     .min_replicas(1)
+///     .build()?;
+/// # let _ = (standalone, sentinel, cluster);
 /// # Ok(())
 /// # }
 /// ```
@@ -276,6 +307,9 @@ struct Inner {
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
     subscribed: AtomicBool,
     listeners: Mutex<Vec<Listener>>,
+    /// How completions are announced, and so how waiters subscribe: to the pattern of every
+    /// completion channel once, or to the channel of each key they wait for.
+    announce: Announce,
     scripts: Scripts,
 }
 
@@ -404,18 +438,14 @@ impl Inner {
     }
 
     /// How many replicas acknowledged the writes made through this store's connection to the
-    /// node that holds `key`, waiting for `min_replicas` of them at most the command budget.
+    /// node that holds `key`, waiting for `min_replicas` of them at most half the command
+    /// budget: `WAIT` blocks on the server for its own timeout, and its answer must still
+    /// arrive within the budget (the connection's response timeout).
     async fn acknowledged(&self, key: &str) -> Result<u32, StoreError> {
-        // `WAIT` blocks on the server for up to its own timeout: give the command a margin
-        // beyond it, so that a late acknowledgement is an answer, not a failure.
-        let budget = self.command_timeout;
-        let wait = self
-            .connection
-            .wait_for_replicas(key, self.min_replicas, budget);
-        match tokio::time::timeout(budget * 2, wait).await {
-            Ok(result) => result.map_err(connection::store_error),
-            Err(_) => Err(StoreError::timeout(budget * 2)),
-        }
+        let wait =
+            self.connection
+                .wait_for_replicas(key, self.min_replicas, self.command_timeout / 2);
+        self.run(wait).await
     }
 
     /// Succeeds once `min_replicas` replicas acknowledged the writes to the nodes of `keys`

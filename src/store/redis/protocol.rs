@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use tokio::time::Instant;
 
 use super::{Inner, KIND_FLIGHT, KIND_REPLAY, Opened, Read, RedisStore, scripts::REVOKED, unix_ms};
@@ -92,6 +93,7 @@ impl Store for RedisStore {
                         .elect
                         .key(inner.names.key(key, "lock"))
                         .key(inner.names.key(key, "gen"))
+                        .key(inner.names.key(key, "res"))
                         .arg(fence.as_str())
                         .arg(lease.as_millis() as u64)
                         .invoke_async(&mut connection),
@@ -99,6 +101,7 @@ impl Store for RedisStore {
                 .await?;
             Ok(match result {
                 (1, _, generation) => Election::Won { generation },
+                (2, _, _) => Election::Replay,
                 (_, holder, generation) => Election::Lost {
                     leader: Fence::from_string(holder.unwrap_or_default()),
                     generation,
@@ -265,8 +268,8 @@ impl Store for RedisStore {
         deadline: Instant,
     ) -> StoreFuture<'a, Waited> {
         Box::pin(async move {
-            let inner = &*self.inner;
-            let notify = inner.waiter(key);
+            let inner = &self.inner;
+            let notify = inner.waiter(key).await;
             let result = loop {
                 // Register for the wake-up before reading the keys: a completion between the
                 // read and the wait still wakes us.
@@ -341,14 +344,17 @@ impl Store for RedisStore {
                 .chain(members.iter().map(|member| inner.names.key(member, "gen")))
                 .collect();
             inner.replicated(&touched).await?;
-            let mut pipe = redis::pipe();
-            pipe.del(&members_key).ignore();
-            pipe.publish(
-                inner.names.invalidate_channel(),
-                format!("group {}", group.to_hex()),
+            // Two commands, not a pipeline: in a cluster the channel is no key of the
+            // members' slot. Both go out at once on the multiplexed connection.
+            let mut announce = connection.clone();
+            let channel = inner.names.invalidate_channel();
+            let message = format!("group {}", group.to_hex());
+            let (deleted, announced) = futures_util::future::join(
+                inner.run(connection.del::<_, ()>(&members_key)),
+                inner.run(announce.publish::<_, _, ()>(&channel, &message)),
             )
-            .ignore();
-            inner.run(pipe.query_async::<()>(&mut connection)).await
+            .await;
+            deleted.and(announced)
         })
     }
 

@@ -9,26 +9,58 @@ use futures_util::{StreamExt, future::Either};
 use redis::{Client, PushInfo, PushKind, Value, sentinel::SentinelClient};
 use tokio::sync::{Notify, mpsc::UnboundedReceiver};
 
-use super::Inner;
+use super::{Inner, scripts::Announce};
 use crate::{key::Fingerprint, store::Invalidation};
 
 impl Inner {
-    /// The local waiters' wake-up of `key`, created on first use.
-    pub(super) fn waiter(&self, key: &Fingerprint) -> Arc<Notify> {
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(*key)
-            .or_default()
-            .clone()
+    /// The local waiters' wake-up of `key`, created on first use. With sharded completions,
+    /// the first waiter of a key subscribes to its channel before it returns, so that the
+    /// caller's first read comes after the subscription (no wake-up is lost); a failed
+    /// subscription leaves the waiters to their polling.
+    pub(super) async fn waiter(&self, key: &Fingerprint) -> Arc<Notify> {
+        let (notify, first) = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            let first = !waiters.contains_key(key);
+            (waiters.entry(*key).or_default().clone(), first)
+        };
+        if first && self.announce == Announce::Sharded {
+            let channel = self.names.key(key, "done");
+            let subscribe = async {
+                match self.connection.cluster_connection().await {
+                    Some(connection) => connection?.ssubscribe(&channel).await,
+                    None => Ok(()),
+                }
+            };
+            if let Err(error) = self.run(subscribe).await {
+                tracing::debug!(%error, "subscribing to a completion channel failed: polling");
+            }
+        }
+        notify
     }
 
-    /// Drops the wake-up of `key` once its last waiter is gone.
-    pub(super) fn forget_waiter(&self, key: &Fingerprint, notify: Arc<Notify>) {
+    /// Drops the wake-up of `key` once its last waiter is gone (and, with sharded
+    /// completions, its subscription, in the background).
+    pub(super) fn forget_waiter(self: &Arc<Self>, key: &Fingerprint, notify: Arc<Notify>) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         // Two references: ours and the map's.
-        if Arc::strong_count(&notify) <= 2 {
-            waiters.remove(key);
+        if Arc::strong_count(&notify) > 2 {
+            return;
+        }
+        waiters.remove(key);
+        drop(waiters);
+        if self.announce == Announce::Sharded {
+            let (inner, channel) = (self.clone(), self.names.key(key, "done"));
+            tokio::spawn(async move {
+                let unsubscribe = async {
+                    match inner.connection.cluster_connection().await {
+                        Some(connection) => connection?.sunsubscribe(&channel).await,
+                        None => Ok(()),
+                    }
+                };
+                if let Err(error) = inner.run(unsubscribe).await {
+                    tracing::debug!(%error, "unsubscribing from a completion channel failed");
+                }
+            });
         }
     }
 
@@ -124,8 +156,9 @@ pub(super) async fn subscribe_loop(store: Weak<Inner>, source: Source) {
     }
 }
 
-/// The cluster's pub/sub: subscribes through the store's cluster connection (retrying until
-/// the cluster answers), then dispatches its push messages.
+/// The cluster's pub/sub: subscribes to invalidations through the store's cluster connection
+/// (retrying until the cluster answers), then dispatches its push messages, the sharded
+/// completion messages of the keys that waiters subscribed to included.
 async fn cluster_loop(store: Weak<Inner>, mut pushes: UnboundedReceiver<PushInfo>) {
     let mut delay = Duration::from_millis(100);
     loop {
@@ -169,7 +202,7 @@ async fn cluster_loop(store: Weak<Inner>, mut pushes: UnboundedReceiver<PushInfo
                     inner.dispatch(text(channel), bytes(payload));
                 }
             }
-            PushKind::Message => {
+            PushKind::Message | PushKind::SMessage => {
                 if let [channel, payload] = &push.data[..] {
                     inner.dispatch(text(channel), bytes(payload));
                 }
@@ -177,7 +210,7 @@ async fn cluster_loop(store: Weak<Inner>, mut pushes: UnboundedReceiver<PushInfo
             // A node connection dropped: messages may be lost until the cluster connection
             // has subscribed again, which it confirms.
             PushKind::Disconnection => inner.subscribed(false),
-            PushKind::PSubscribe => inner.subscribed(true),
+            PushKind::Subscribe => inner.subscribed(true),
             _ => {}
         }
     }

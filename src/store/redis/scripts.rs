@@ -9,11 +9,12 @@ pub(super) struct Scripts {
     /// KEYS: gen (of a group). ARGV: life ms. Returns the generation (0 if none), keeping an
     /// existing one at least `life`.
     pub(super) generation: Script,
-    /// KEYS: lock, gen. ARGV: fence, lease ms. Returns `{1, '', generation}` when won,
-    /// `{0, holder, generation}` when lost, and keeps an existing generation at least the
-    /// lease (it must not expire under the flight). Idempotent for one fence: if an earlier
-    /// attempt with this fence timed out on the way back but took the lock, a retry reports
-    /// it won.
+    /// KEYS: lock, gen, res. ARGV: fence, lease ms. Returns `{1, '', generation}` when won,
+    /// `{0, holder, generation}` when lost, `{2, '', generation}` without taking the lock
+    /// when a replay of the key is stored (a leader completed since this flight looked), and
+    /// keeps an existing generation at least the lease (it must not expire under the flight).
+    /// Idempotent for one fence: if an earlier attempt with this fence timed out on the way
+    /// back but took the lock, a retry reports it won.
     pub(super) elect: Script,
     /// KEYS: res, gen, out, lock. ARGV: value, ttl ms, channel, fence, generation at the
     /// election. If the key's generation moved, stores nothing but the revoked mark in `out`,
@@ -70,71 +71,95 @@ macro_rules! keep_at_least {
     };
 }
 
+/// How the scripts announce a completion on the key's channel `{prefix}:{fp}:done`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Announce {
+    /// `PUBLISH`: every subscriber of the pattern on every node hears it (standalone,
+    /// Sentinel).
+    Classic,
+    /// `SPUBLISH` (Redis 7): only the subscribers of the key's channel in its shard hear it
+    /// (a cluster, where a classic message crosses the cluster bus to every node and reaches
+    /// every instance; see `docs/pubsub-cluster.md`).
+    Sharded,
+}
+
 impl Scripts {
-    pub(super) fn new() -> Self {
+    /// The scripts, announcing completions as `announce` says.
+    pub(super) fn new(announce: Announce) -> Self {
+        let command = match announce {
+            Announce::Classic => "'PUBLISH'",
+            Announce::Sharded => "'SPUBLISH'",
+        };
+        // A completion is announced on the key's own channel, which shares its hash tag.
+        let script = |source: &str| Script::new(&source.replace("DONE_PUBLISH", command));
+        Self::with(script)
+    }
+
+    fn with(script: impl Fn(&str) -> Script) -> Self {
         Self {
-            load: Script::new(
+            load: script(
                 r"local v = redis.call('GET', KEYS[1])
                   if not v then return nil end
                   return {v, redis.call('PTTL', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0')}",
             ),
-            generation: Script::new(concat!(
+            generation: script(concat!(
                 "local g = redis.call('GET', KEYS[1])\n",
                 "if not g then return 0 end\n",
                 keep_at_least!(1, 1),
                 "return tonumber(g)",
             )),
-            elect: Script::new(concat!(
+            elect: script(concat!(
                 "local gen = redis.call('GET', KEYS[2])\n",
                 "if gen then\n",
                 keep_at_least!(2, 2),
                 "end\n",
                 "gen = tonumber(gen or '0')\n",
-                "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, '', gen} end\n",
-                "local holder = redis.call('GET', KEYS[1]) or ''\n",
+                "local holder = redis.call('GET', KEYS[1])\n",
                 "if holder == ARGV[1] then return {1, '', gen} end\n",
-                "return {0, holder, gen}",
+                "if redis.call('EXISTS', KEYS[3]) == 1 then return {2, '', gen} end\n",
+                "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, '', gen} end\n",
+                "return {0, holder or redis.call('GET', KEYS[1]) or '', gen}",
             )),
-            complete_replay: Script::new(concat!(
+            complete_replay: script(concat!(
                 "local gen = redis.call('GET', KEYS[2])\n",
                 "if tonumber(gen or '0') ~= tonumber(ARGV[5]) then\n",
                 "  redis.call('SET', KEYS[3], 'revoked', 'PX', ARGV[2])\n",
                 "  if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end\n",
-                "  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' revoked')\n",
+                "  redis.call(DONE_PUBLISH, ARGV[3], ARGV[4] .. ' revoked')\n",
                 "  return {2, '', 0}\n",
                 "end\n",
                 "local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])\n",
                 "if gen then\n",
                 keep_at_least!(2, 2),
                 "end\n",
-                "redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' replay')\n",
+                "redis.call(DONE_PUBLISH, ARGV[3], ARGV[4] .. ' replay')\n",
                 "if stored then return {0, '', 0} end\n",
                 "return {1, redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}",
             )),
-            complete_flight: Script::new(
+            complete_flight: script(
                 r"local revoked = tonumber(redis.call('GET', KEYS[3]) or '0') ~= tonumber(ARGV[5])
                   if revoked then
                     redis.call('SET', KEYS[1], 'revoked', 'PX', ARGV[2])
                   else
                     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
                   end
-                  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' flight')
+                  redis.call(DONE_PUBLISH, ARGV[3], ARGV[4] .. ' flight')
                   if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
                   if revoked then return 2 end
                   return 1",
             ),
-            withdraw: Script::new(
+            withdraw: script(
                 r"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
                   redis.call('SET', KEYS[2], 'revoked', 'PX', ARGV[2])
                   if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
-                  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' revoked')
+                  redis.call(DONE_PUBLISH, ARGV[3], ARGV[4] .. ' revoked')
                   return 1",
             ),
-            release: Script::new(
+            release: script(
                 r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
                   return 0",
             ),
-            outcome: Script::new(
+            outcome: script(
                 r"local gen = tonumber(redis.call('GET', KEYS[3]) or '0')
                   local v = redis.call('GET', KEYS[1])
                   if v then return {1, v, redis.call('PTTL', KEYS[1]), gen} end
@@ -142,15 +167,15 @@ impl Scripts {
                   if v then return {0, v, redis.call('PTTL', KEYS[2]), gen} end
                   return {-1, '', 0, gen}",
             ),
-            invalidate: Script::new(concat!(
+            invalidate: script(concat!(
                 "redis.call('INCR', KEYS[1])\n",
                 keep_at_least!(1, 1),
                 "redis.call('DEL', KEYS[2])\n",
-                "redis.call('PUBLISH', ARGV[2], 'invalidated')\n",
+                "redis.call(DONE_PUBLISH, ARGV[2], 'invalidated')\n",
                 "if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end\n",
                 "return 1",
             )),
-            invalidate_group: Script::new(concat!(
+            invalidate_group: script(concat!(
                 "redis.call('INCR', KEYS[1])\n",
                 keep_at_least!(1, 1),
                 "return redis.call('SMEMBERS', KEYS[2])",

@@ -107,7 +107,7 @@ impl JwtVerifierBuilder {
     }
 
     /// The longest token accepted, in bytes; longer ones are refused before any decoding.
-    /// Default: 4096 ([`DEFAULT_MAX_TOKEN_LEN`]).
+    /// Default: 4096 ([`DEFAULT_MAX_TOKEN_LEN`](crate::token::DEFAULT_MAX_TOKEN_LEN)).
     #[must_use]
     pub fn max_len(mut self, max_len: usize) -> Self {
         self.max_len = max_len;

@@ -7,6 +7,11 @@
 //!   tail for failure messages, signals. A cluster or a Sentinel set-up is a module beside
 //!   `server.rs` built on it.
 //! - `inspect.rs`: reading a server's keys and command counts for assertions.
+//! - [`RedisCluster`] (`cluster.rs`): a Redis Cluster of `redis-server --cluster-enabled
+//!   yes` nodes (3 masters, optionally a replica each), with failover, restart and per-node
+//!   helpers.
+//! - [`RedisSentinel`] (`sentinel.rs`): a master, a replica and three sentinels, with
+//!   failover and restart.
 //!
 //! Conventions, for every topology:
 //!
@@ -23,9 +28,13 @@
 //!   auto-advance to any timer while the runtime waits on the socket). While a server is
 //!   paused they wait; put your own `tokio::time::timeout` around them if that matters.
 
+pub mod cluster;
 mod inspect;
 mod process;
+pub mod sentinel;
 mod server;
 
-pub use process::{BIN_ENV, START_TIMEOUT};
+pub use cluster::RedisCluster;
+pub use process::{BIN_ENV, START_TIMEOUT, blocking_connection};
+pub use sentinel::RedisSentinel;
 pub use server::RedisServer;

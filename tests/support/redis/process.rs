@@ -2,6 +2,7 @@
 //! until it answers `PING`, the log tail, signals. Shared by every topology.
 
 use std::{
+    collections::BTreeMap,
     env,
     ffi::{OsStr, OsString},
     fs::{self, File},
@@ -38,7 +39,13 @@ pub(crate) enum Launch {
 }
 
 /// Runs the server on `port` and waits until it answers, it exits, or `deadline` passes.
-pub(crate) fn launch(bin: &OsStr, dir: &Path, port: u16, deadline: Instant) -> Launch {
+pub(crate) fn launch(
+    bin: &OsStr,
+    args: &[OsString],
+    dir: &Path,
+    port: u16,
+    deadline: Instant,
+) -> Launch {
     let log = dir.join("redis.log");
     // Redis appends to its log; remember where this run starts.
     let log_from = fs::metadata(&log).map_or(0, |meta| meta.len());
@@ -48,6 +55,7 @@ pub(crate) fn launch(bin: &OsStr, dir: &Path, port: u16, deadline: Instant) -> L
     let stderr = stdio.try_clone().expect("clone of a file handle");
 
     let spawned = Command::new(bin)
+        .args(args)
         .arg("--port")
         .arg(port.to_string())
         .args(["--bind", "127.0.0.1"])
@@ -237,5 +245,42 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A blocking connection to `127.0.0.1:port` with 2 s connect, read and write timeouts (for
+/// harness code that polls a server's state, such as the cluster and Sentinel harnesses).
+pub fn blocking_connection(port: u16) -> redis::RedisResult<redis::Connection> {
+    let timeout = Duration::from_secs(2);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let con = client.get_connection_with_timeout(timeout)?;
+    con.set_read_timeout(Some(timeout))?;
+    con.set_write_timeout(Some(timeout))?;
+    Ok(con)
+}
+
+/// The `name:value` lines of an `INFO` (or `CLUSTER INFO`) reply.
+pub(crate) fn parse_info(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.to_owned(), value.trim_end().to_owned()))
+        .collect()
+}
+
+/// Calls `probe` every `interval` until it returns `Ok`, for at most `timeout`. On time-out,
+/// returns the last `Err` (what was still missing).
+pub(crate) fn poll<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(value) => return Ok(value),
+            Err(missing) if Instant::now() >= deadline => return Err(missing),
+            Err(_) => thread::sleep(interval),
+        }
     }
 }

@@ -25,6 +25,8 @@ const PORT_ATTEMPTS: usize = 5;
 #[derive(Debug)]
 pub struct RedisServer {
     bin: OsString,
+    /// Arguments placed before the harness's own (see `start_with_args`).
+    args: Vec<OsString>,
     port: u16,
     /// `None` once `kill` has run, until `restart`.
     child: Option<Child>,
@@ -48,17 +50,33 @@ impl RedisServer {
     /// Like [`start`](Self::start), with an explicit binary (a path, or a name looked up in
     /// `PATH`).
     pub fn start_with(bin: impl Into<OsString>) -> Self {
+        Self::start_with_args(bin, Vec::<OsString>::new())
+    }
+
+    /// Like [`start_with`](Self::start_with), with arguments placed before the harness's
+    /// own (`--port`, `--bind`, `--save`, `--appendonly`, `--daemonize`, `--dir`,
+    /// `--logfile`, which therefore win): a configuration file first if any (`sentinel.conf`,
+    /// `--sentinel`), then `--name value` pairs (`--cluster-enabled yes`, `--replicaof ..`).
+    /// `restart` runs the server with the same arguments. A relative file name in them
+    /// (`--cluster-config-file nodes.conf`) lands in [`dir`](Self::dir).
+    pub fn start_with_args<A: Into<OsString>>(
+        bin: impl Into<OsString>,
+        args: impl IntoIterator<Item = A>,
+    ) -> Self {
         let bin = bin.into();
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let dir = TempDir::new();
         let mut refused = String::new();
         for _ in 0..PORT_ATTEMPTS {
             // The port is free now, but anyone may take it before redis binds it: then redis
             // exits with "Address already in use" and we try another one.
             let port = process::free_port();
-            match process::launch(&bin, dir.path(), port, Instant::now() + START_TIMEOUT) {
+            let deadline = Instant::now() + START_TIMEOUT;
+            match process::launch(&bin, &args, dir.path(), port, deadline) {
                 Launch::Ready(child) => {
                     return Self {
                         bin,
+                        args,
                         port,
                         child: Some(child),
                         paused: AtomicBool::new(false),
@@ -145,7 +163,7 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match process::launch(&self.bin, self.dir.path(), self.port, deadline) {
+            match process::launch(&self.bin, &self.args, self.dir.path(), self.port, deadline) {
                 Launch::Ready(child) => {
                     self.child = Some(child);
                     return;
