@@ -2,7 +2,10 @@
 //! (as two processes have): one refresh between them, and nothing readable in Redis.
 
 use http::StatusCode;
-use support::{redis::RedisServer, until};
+use support::{
+    redis::{RedisCluster, RedisServer},
+    until,
+};
 use tower_refresh_coalesce::{
     client::{Credentials, error::RefreshFailed, store::RedisCredentialStore},
     store::RedisStore,
@@ -19,21 +22,19 @@ fn cell(redis: &RedisServer, secret: &[u8]) -> Credentials {
     Credentials::shared(RedisCredentialStore::new(&store, "billing-service"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_cells_on_their_own_redis_connections_refresh_once_between_them() {
+/// `a` and `b` (logged in through `a`, loaded by `b`) storm with an expired access token:
+/// one refresh between them.
+async fn storm_two_cells(auth: &Auth, a: &Credentials, b: &Credentials) {
     const N: usize = 100;
-    let redis = RedisServer::start();
-    let auth = Auth::new().gated();
-    let (a, b) = (cell(&redis, SECRET), cell(&redis, SECRET));
     assert_eq!(a.set(auth.login()).await.unwrap(), 1);
     assert_eq!(
-        send(client(&auth, &b), get("/api")).await.unwrap().status(),
+        send(client(auth, b), get("/api")).await.unwrap().status(),
         StatusCode::OK
     );
     auth.expire_access();
 
-    let mut calls = storm(&client(&auth, &a), N, "/api");
-    calls.extend(storm(&client(&auth, &b), N, "/api"));
+    let mut calls = storm(&client(auth, a), N, "/api");
+    calls.extend(storm(&client(auth, b), N, "/api"));
     until(|| {
         auth.rejections.get() == 2 * N
             && a.stats().joined == N as u64 - 1
@@ -49,6 +50,29 @@ async fn two_cells_on_their_own_redis_connections_refresh_once_between_them() {
     assert_eq!((a.generation(), b.generation()), (2, 2));
     // `b` took the login from Redis, then one of the two took the other's refresh.
     assert_eq!(a.stats().adopted + b.stats().adopted, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cells_on_their_own_redis_connections_refresh_once_between_them() {
+    let redis = RedisServer::start();
+    let auth = Auth::new().gated();
+    let (a, b) = (cell(&redis, SECRET), cell(&redis, SECRET));
+    storm_two_cells(&auth, &a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cells_on_a_redis_cluster_refresh_once_between_them() {
+    let cluster = RedisCluster::three_masters();
+    let on_cluster = || {
+        let store = RedisStore::cluster(cluster.seed_urls(), SECRET)
+            .min_replicas(0)
+            .build()
+            .expect("a store");
+        Credentials::shared(RedisCredentialStore::new(&store, "billing-service"))
+    };
+    let auth = Auth::new().gated();
+    let (a, b) = (on_cluster(), on_cluster());
+    storm_two_cells(&auth, &a, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
