@@ -243,6 +243,14 @@
 //! - **Standalone** Redis has no failover: a restart loses every lock and result, with the
 //!   same consequences as the last two points.
 //!
+//! # The client side
+//!
+//! With the `client` feature, [`client::BearerAuthLayer`] stops the storm where it starts:
+//! over an outgoing HTTP or gRPC client, it attaches `Authorization: Bearer` from shared
+//! [`client::Credentials`], refreshes ahead of expiry and after a `401` or
+//! `UNAUTHENTICATED` once per generation (through this crate's flight table), and sends each
+//! rejected request again once. See [`client`].
+//!
 //! # Feature flags
 //!
 //! | feature | default | what it adds |
@@ -250,7 +258,9 @@
 //! | `http` | yes | the HTTP front: token sources, response buffering, JSON and gRPC refusals |
 //! | `jwt` | yes | JWT verification of refresh tokens with `jsonwebtoken` (pure-Rust crypto) |
 //! | `redis` | no | [`store::RedisStore`]: coordination across instances |
-//! | `metrics` | no | the `metrics` facade: `refresh_coalesce_requests_total{outcome}`, `refresh_coalesce_reuse_suspected_total`, `refresh_coalesce_store_total{event}`, histogram `refresh_coalesce_wait_seconds` |
+//! | `metrics` | no | the `metrics` facade: `refresh_coalesce_requests_total{outcome}`, `refresh_coalesce_reuse_suspected_total`, `refresh_coalesce_store_total{event}`, histogram `refresh_coalesce_wait_seconds` (and `refresh_client_*` with `client`) |
+//! | `client` | no | [`client`]: the other end of the storm, a layer over outgoing requests that refreshes once per credentials and generation and retries; with `redis`, a credential shared by processes |
+//! | `oauth2` | no | [`client::oauth2::OAuth2Refresh`]: RFC 6749 §6 refresh on the `oauth2` crate, over any tower HTTP service |
 //!
 //! # Backpressure
 //!
@@ -306,6 +316,9 @@
 //!   secret and the refreshed token; key names carry only fingerprints.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod error;
 pub mod future;
 #[cfg(feature = "http")]

@@ -4,11 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-/// A refresh-token storm against the reference server, without and with the coalescing layer
+/// A refresh storm from both ends: a client with and without the client layer, against a
+/// token server with and without its layer
 #[derive(Debug, clap::Parser)]
 #[command(name = "demo", long_about = None)]
 struct Args {
-    /// Refresh requests per run, all with the same refresh token
+    /// Concurrent GET /api/me per run, all with the same expired access token
     #[arg(
         long,
         value_name = "N",
@@ -17,11 +18,7 @@ struct Args {
     )]
     requests: u64,
 
-    /// Requests in flight at once, one HTTP/1.1 connection each [default: REQUESTS]
-    #[arg(long, value_name = "C", value_parser = clap::value_parser!(u64).range(1..))]
-    concurrency: Option<u64>,
-
-    /// The servers' simulated slow upstream, so that the storm really overlaps
+    /// The servers' simulated slow refresh upstream, so that the storm really overlaps
     #[arg(long, value_name = "MS", default_value_t = 50)]
     refresh_delay_ms: u64,
 }
@@ -29,16 +26,14 @@ struct Args {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     let options = demo::Options {
-        requests: to_usize(args.requests),
-        concurrency: to_usize(args.concurrency.unwrap_or(args.requests)),
+        requests: usize::try_from(args.requests).unwrap_or(usize::MAX),
         refresh_delay_ms: args.refresh_delay_ms,
     };
     match demo::run(options).await {
-        Ok(report) => {
-            println!("{report}");
-            if report.layer_kept_its_promise() {
+        Ok(matrix) => {
+            println!("{matrix}");
+            if matrix.layers_kept_their_promises() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -1,35 +1,42 @@
-//! The demo, run as the README runs it but smaller: the layer keeps its promise.
+//! The demo, run as the README runs it but smaller: each layer keeps its promise.
+
+use api_client::storm::ClientKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_runs_to_completion_and_the_layer_rotates_once() {
-    let report = demo::run(demo::Options {
-        requests: 100,
-        concurrency: 100,
+async fn the_demo_runs_the_four_storms_and_each_layer_keeps_its_promise() {
+    const N: usize = 100;
+    let matrix = demo::run(demo::Options {
+        requests: N,
         refresh_delay_ms: 50,
     })
     .await
     .expect("the demo runs");
-    let (with, without) = (&report.with, &report.without);
-    assert_eq!(with.requests, 100);
-    assert_eq!(with.rotations, 1);
-    assert_eq!(with.ok, 100);
-    assert_eq!(with.distinct_refresh_tokens, 1);
-    assert_eq!(with.reuse_detected, 0);
-    assert!(with.session_survives);
-    let layer = with.layer.expect("layer counters");
-    assert_eq!(layer.leader, 1);
-    assert_eq!(layer.joined + layer.replayed, 99);
 
-    assert_eq!(without.ok, 1);
-    assert_eq!(without.invalid_grant, 99);
-    assert!(without.reuse_detected > 0);
-    assert!(!without.session_survives);
-    assert!(without.layer.is_none());
+    let alone = matrix.cell(ClientKind::Naive, false);
+    assert!(alone.refreshes > 1, "a refresh per rejected request");
+    assert!(alone.reuse_detected > 0);
+    assert!(!alone.logged_in, "logged out");
 
-    assert!(report.layer_kept_its_promise());
-    let table = report.to_string();
+    let server_only = matrix.cell(ClientKind::Naive, true);
     assert!(
-        table.contains("with it: one rotation, every request got the same new pair"),
+        server_only.refreshes > 1,
+        "the storm still reaches the server"
+    );
+    assert_eq!((server_only.rotations, server_only.reuse_detected), (1, 0));
+    assert_eq!(server_only.ok, N);
+    assert!(server_only.logged_in);
+
+    for server_layer in [false, true] {
+        let cell = matrix.cell(ClientKind::Layer, server_layer);
+        assert_eq!(cell.refreshes, 1, "one refresh leaves the client");
+        assert_eq!((cell.ok, cell.reuse_detected), (N, 0));
+        assert!(cell.logged_in);
+    }
+    assert!(matrix.layers_kept_their_promises());
+    let table = matrix.to_string();
+    assert!(table.contains("server with its layer"), "{table}");
+    assert!(
+        table.contains("the client layer keeps the storm at the client"),
         "{table}"
     );
 }

@@ -52,6 +52,7 @@ use tower_refresh_coalesce::{
 
 use self::pb::{
     RefreshReply, RefreshRequest, StatsReply, StatsRequest,
+    account_service_server::AccountServiceServer,
     token_service_client::TokenServiceClient,
     token_service_server::{TokenService, TokenServiceServer},
 };
@@ -83,6 +84,9 @@ const ACCESS_TYP: &str = "at+jwt";
 /// connection by default, so a storm is spread over several connections.
 const CALLS_PER_CONNECTION: usize = 100;
 
+pub mod account;
+pub mod bearer;
+
 // ---------------------------------------------------------------------------------------
 // Tokens
 // ---------------------------------------------------------------------------------------
@@ -100,14 +104,24 @@ fn mint(
     subject: &str,
     ttl: Duration,
 ) -> jsonwebtoken::errors::Result<String> {
-    let mut header = Header::new(Algorithm::HS256);
-    header.typ = Some(typ.to_owned());
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    mint_at(secret, typ, subject, now + ttl)
+}
+
+/// A token of `typ` for `subject` expiring at `exp` (since the Unix epoch).
+fn mint_at(
+    secret: &[u8],
+    typ: &str,
+    subject: &str,
+    exp: Duration,
+) -> jsonwebtoken::errors::Result<String> {
+    let mut header = Header::new(Algorithm::HS256);
+    header.typ = Some(typ.to_owned());
     let claims = Claims {
         sub: subject,
-        exp: (now + ttl).as_secs(),
+        exp: exp.as_secs(),
         jti: format!("{:032x}", rand::random::<u128>()),
     };
     jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret))
@@ -142,7 +156,7 @@ impl Counter {
         self.0.load(Ordering::SeqCst)
     }
 
-    fn increment(&self) {
+    pub(crate) fn increment(&self) {
         self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -153,6 +167,7 @@ impl Counter {
 pub struct TokenServer {
     verifier: JwtVerifier,
     calls: Counter,
+    account: account::AccountCounters,
 }
 
 impl TokenServer {
@@ -161,7 +176,13 @@ impl TokenServer {
         Self {
             verifier,
             calls: Counter::default(),
+            account: account::AccountCounters::default(),
         }
+    }
+
+    /// The counters of the account service [`serve`] runs beside it.
+    pub fn account(&self) -> account::AccountCounters {
+        self.account.clone()
     }
 
     /// The number of Refresh calls that reached the service.
@@ -209,7 +230,8 @@ impl TokenService for TokenServer {
     }
 }
 
-/// Serves `service` on `listener`, with the coalescing layer in front of its Refresh method.
+/// Serves `service` on `listener`, with the coalescing layer in front of its Refresh method,
+/// and the account service beside it (its `Me` method behind an access-token interceptor).
 pub async fn serve(listener: TcpListener, service: TokenServer) -> Result<(), BoxError> {
     // `Server::builder().layer(..)` sees every method of the server: coalesce Refresh only.
     let extract = HttpExtract::new(service.verifier.clone())
@@ -220,9 +242,15 @@ pub async fn serve(listener: TcpListener, service: TokenServer) -> Result<(), Bo
     let layer = RefreshCoalesceLayer::http(extract)
         .share(HttpShare::new().grpc())
         .build();
+    let counters = service.account();
+    let account = AccountServiceServer::with_interceptor(
+        account::AccountServer::new(counters.me.clone()),
+        account::AccessCheck::new(SECRET, counters.rejected),
+    );
     Server::builder()
         .layer(layer)
         .add_service(TokenServiceServer::new(service))
+        .add_service(account)
         .serve_with_incoming(TcpIncoming::from(listener))
         .await?;
     Ok(())

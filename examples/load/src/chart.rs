@@ -100,9 +100,13 @@ pub(crate) fn storm_svg(
         draw_header(&header, &title, &caption)?;
         let columns = plots.margin(0, 0, 20, 20).split_evenly((1, panels.len()));
         for (area, panel) in columns.iter().zip(&panels) {
-            let values = [WITHOUT_LAYER, WITH_LAYER]
-                .map(|variant| summary.median(&format!("{variant}: {}", panel.figure)));
-            draw_panel(area, panel, values)?;
+            let values = [(WITHOUT_LAYER, RED), (WITH_LAYER, BLUE)].map(|(variant, color)| {
+                (
+                    summary.median(&format!("{variant}: {}", panel.figure)),
+                    color,
+                )
+            });
+            draw_panel(area, panel, &values)?;
         }
         let center = i32::try_from(WIDTH / 2)?;
         bottom.draw(&Text::new(
@@ -121,6 +125,24 @@ fn draw_header(
     title: &str,
     caption: &str,
 ) -> Result<(), Error> {
+    draw_header_with(
+        area,
+        title,
+        caption,
+        &[
+            ("without the layer", RED),
+            ("with RefreshCoalesceLayer", BLUE),
+        ],
+    )
+}
+
+/// The title, the caption and a legend of `entries`, spread over the width.
+fn draw_header_with(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    title: &str,
+    caption: &str,
+    entries: &[(&str, RGBColor)],
+) -> Result<(), Error> {
     let center = i32::try_from(WIDTH / 2)?;
     let centered = Pos::new(HPos::Center, VPos::Bottom);
     area.draw(&Text::new(
@@ -133,32 +155,35 @@ fn draw_header(
         (center, 58),
         text(14, false, GREY).pos(centered),
     ))?;
-    for (i, (label, color)) in [
-        ("without the layer", RED),
-        ("with RefreshCoalesceLayer", BLUE),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let x = 300 + 200 * i32::try_from(i)?;
+    let step = i32::try_from(WIDTH)? / i32::try_from(entries.len() + 1)?;
+    let first = if entries.len() > 2 { 40 } else { 300 };
+    let step = if entries.len() > 2 {
+        (i32::try_from(WIDTH)? - 80) / i32::try_from(entries.len())?
+    } else {
+        step.min(200)
+    };
+    for (i, &(label, color)) in entries.iter().enumerate() {
+        let x = first + step * i32::try_from(i)?;
         area.draw(&Rectangle::new([(x, 78), (x + 16, 94)], color.filled()))?;
+        let size = if entries.len() > 2 { 13 } else { 15 };
         area.draw(&Text::new(
             label,
             (x + 22, 91),
-            text(15, false, INK).pos(Pos::new(HPos::Left, VPos::Bottom)),
+            text(size, false, INK).pos(Pos::new(HPos::Left, VPos::Bottom)),
         ))?;
     }
     Ok(())
 }
 
-/// Two bars (without, with) on the panel's own scale, with their values, then the panel's
-/// label and note.
+/// One bar per value, in its color, on the panel's own scale, with their values, then the
+/// panel's label and note.
 fn draw_panel(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
     panel: &Panel,
-    values: [f64; 2],
+    values: &[(f64, RGBColor)],
 ) -> Result<(), Error> {
-    let max = values.iter().copied().fold(0.0, f64::max);
+    let max = values.iter().map(|(v, _)| *v).fold(0.0, f64::max);
+    let bars_count = values.len() as f64;
     // Room above the tallest bar for its value; a zero still shows as a sliver, so that
     // "0" sits on something.
     let top = if max > 0.0 { max * 1.15 } else { 1.0 };
@@ -167,12 +192,13 @@ fn draw_panel(
     let mut chart = ChartBuilder::on(&bars)
         .margin_left(20)
         .margin_right(20)
-        .build_cartesian_2d(0.0..2.0, 0.0..top)?;
+        .build_cartesian_2d(0.0..bars_count, 0.0..top)?;
     chart.draw_series(std::iter::once(PathElement::new(
-        vec![(0.0, 0.0), (2.0, 0.0)],
+        vec![(0.0, 0.0), (bars_count, 0.0)],
         RGBColor(0x33, 0x33, 0x33),
     )))?;
-    for (j, (value, color)) in values.into_iter().zip([RED, BLUE]).enumerate() {
+    let size = if values.len() > 2 { 12 } else { 15 };
+    for (j, &(value, color)) in values.iter().enumerate() {
         let x = j as f64;
         let height = value.max(sliver);
         chart.draw_series(std::iter::once(Rectangle::new(
@@ -190,7 +216,7 @@ fn draw_panel(
                 px - bars.get_base_pixel().0,
                 py - bars.get_base_pixel().1 - 7,
             ),
-            text(15, true, INK).pos(Pos::new(HPos::Center, VPos::Bottom)),
+            text(size, true, INK).pos(Pos::new(HPos::Center, VPos::Bottom)),
         ))?;
     }
     let center = i32::try_from(labels.dim_in_pixel().0 / 2)?;
@@ -205,6 +231,94 @@ fn draw_panel(
         text(12, false, GREY).pos(Pos::new(HPos::Center, VPos::Bottom)),
     ))?;
     Ok(())
+}
+
+/// The four runs of the storm from both ends (see the `clients` mode): one panel per
+/// measure, a bar per run, medians over the runs.
+pub(crate) fn clients_svg(
+    summary: &Summary,
+    requests: usize,
+    delay_ms: u64,
+    path: &Path,
+) -> Result<String, Error> {
+    let panel = |label, note, figure: &str, unit| Panel {
+        label,
+        note,
+        figure: figure.to_owned(),
+        unit,
+    };
+    let panels = [
+        panel(
+            "refreshes sent",
+            "reaching the token server",
+            "refreshes sent",
+            Unit::Count,
+        ),
+        panel("answered 200", "of the requests", "status 200", Unit::Count),
+        panel(
+            "reuse detections",
+            "family revoked: logged out",
+            "reuse detections",
+            Unit::Count,
+        ),
+        panel("p99 latency", "per request", "p99", Unit::Millis),
+    ];
+    let colors = [
+        RED,
+        RGBColor(0xe6, 0x7e, 0x22),
+        RGBColor(0x7f, 0xb3, 0xd5),
+        BLUE,
+    ];
+    let runs = summary.runs.len();
+    let title = format!(
+        "Refresh storm from both ends: {} requests in flight when the access token expires",
+        thousands(requests)
+    );
+    let caption = format!(
+        "GET /api/me, one HTTP/1.1 connection each, reference server in process, refresh \
+         upstream {delay_ms} ms; median of {runs} run{}",
+        plural(runs)
+    );
+    let footer = format!(
+        "Each panel has its own scale. cargo run --release -p load -- clients --requests \
+         {requests} --refresh-delay-ms {delay_ms} --runs {runs} --svg {}",
+        path.display()
+    );
+    let legend: Vec<(&str, RGBColor)> = crate::clients::CELLS
+        .iter()
+        .zip(colors)
+        .map(|(cell, color)| (cell.label, color))
+        .collect();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (header, rest) = root.split_vertically(HEADER);
+        let (plots, bottom) = rest.split_vertically(HEIGHT - HEADER - FOOTER);
+        draw_header_with(&header, &title, &caption, &legend)?;
+        let columns = plots.margin(0, 0, 20, 20).split_evenly((1, panels.len()));
+        for (area, panel) in columns.iter().zip(&panels) {
+            let values: Vec<(f64, RGBColor)> = crate::clients::CELLS
+                .iter()
+                .zip(colors)
+                .map(|(cell, color)| {
+                    (
+                        summary.median(&format!("{}: {}", cell.label, panel.figure)),
+                        color,
+                    )
+                })
+                .collect();
+            draw_panel(area, panel, &values)?;
+        }
+        let center = i32::try_from(WIDTH / 2)?;
+        bottom.draw(&Text::new(
+            footer,
+            (center, 28),
+            text(12, false, GREY).pos(Pos::new(HPos::Center, VPos::Bottom)),
+        ))?;
+        root.present()?;
+    }
+    Ok(svg)
 }
 
 /// Text of `size` pixels in the chart's font.

@@ -113,6 +113,20 @@ pub(crate) enum Mode {
     Replay(ReplayArgs),
     /// The storm spread over several instances (one SQLite file, and Redis with --redis)
     Multi(MultiArgs),
+    /// The storm from both ends: N concurrent GET /api/me with an expired access token, from
+    /// a client without and with the client layer, against a server without and with its layer
+    Clients(ClientsArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ClientsArgs {
+    /// Concurrent requests per run, one HTTP/1.1 connection each
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive)]
+    pub(crate) requests: usize,
+
+    /// Write the four runs as an SVG bar chart to PATH
+    #[arg(long, value_name = "PATH")]
+    pub(crate) svg: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]

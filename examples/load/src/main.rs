@@ -6,6 +6,7 @@
 //! cargo run --release -p load -- replay --concurrency 64 --duration 5 --runs 3
 //! cargo run --release -p load --features redis -- multi --instances 3 --redis redis://127.0.0.1:6390/
 //! cargo run --release -p load -- storm --target http://127.0.0.1:3000
+//! cargo run --release -p load -- clients --requests 1000 --refresh-delay-ms 50 --runs 3 --svg docs/storm.svg
 //! ```
 //!
 //! Modes:
@@ -25,6 +26,9 @@
 //!   SQLite file and, with `--redis`, one Redis; or several `--target`s. Per instance it
 //!   reports latency and counters, and compares the p99 on the instance that rotated the
 //!   token (the leader's) with the p99 on the others (waiters on a second instance).
+//! - `clients`: the demo's storm from both ends (`api-client`): `GET /api/me` with an
+//!   expired access token from a client without and with the client layer, against a server
+//!   without and with its layer; `--svg` draws the four runs.
 //!
 //! Every run reports throughput, p50/p90/p99/max latency (hdrhistogram), answers by status,
 //! and the servers' `refresh_rotations_total`, `refresh_reuse_detected_total` and layer
@@ -44,6 +48,7 @@
 
 mod chart;
 mod cli;
+mod clients;
 mod cluster;
 mod counters;
 mod fire;
@@ -82,6 +87,7 @@ async fn run(cli: &Cli) -> Result<(), Error> {
         }
         Mode::Steady(args) => steady::steady_mode(target, runs, args).await?,
         Mode::Replay(args) => replay::replay_mode(target, runs, args).await?,
+        Mode::Clients(args) => clients::clients_mode(target, runs, args).await?,
     };
     println!();
     print!("{summary}");
@@ -92,6 +98,15 @@ async fn run(cli: &Cli) -> Result<(), Error> {
     }) = &cli.mode
     {
         let svg = chart::storm_svg(&summary, shape, target.refresh_delay_ms, path)?;
+        chart::write_file(path, &svg)?;
+        println!("wrote {}", path.display());
+    }
+    if let Mode::Clients(cli::ClientsArgs {
+        svg: Some(path),
+        requests,
+    }) = &cli.mode
+    {
+        let svg = chart::clients_svg(&summary, *requests, target.refresh_delay_ms, path)?;
         chart::write_file(path, &svg)?;
         println!("wrote {}", path.display());
     }

@@ -62,6 +62,8 @@ use self::{
 use super::{Fence, Generations, Listener, StoreError, StoreErrorKind, Stored, seal::Sealer};
 use crate::key::Fingerprint;
 
+#[cfg(feature = "client")]
+mod access;
 mod connection;
 mod names;
 mod protocol;
