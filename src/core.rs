@@ -24,6 +24,7 @@ impl<X, P> Core<X, P> {
             flights.counters.clone(),
             self.keys.clone(),
             flights.remote.clone(),
+            flights.audit.clone(),
         )
     }
 }

@@ -16,12 +16,13 @@ use tokio::time::{Sleep, sleep};
 use tower_service::Service;
 
 use crate::{
+    audit::AuditEvent,
     core::Core,
-    error::{BoxError, Elapsed, Failure, LeaderFailed, Overloaded, Rejected, Rejection},
+    error::{BoxError, Elapsed, Failure, LeaderFailed, Limit, Overloaded, Rejected, Rejection},
     flight::{Found, Lead, Lookup, Refused, Value, Waiter},
     key::{Extract, Extracted, Fingerprint},
-    leader::{self, Flight, Flights},
-    metrics::Outcome,
+    leader::{self, Flight, Flights, Flown},
+    outcome::{Coalesced, Outcome},
     share::{Served, Share},
 };
 
@@ -69,7 +70,8 @@ enum Step<T, A> {
     Answer(Value, Served),
     /// A replay answered under the shard lock.
     Answered(A),
-    Refuse(BoxError, Outcome),
+    /// Refused, with the verified subject when there is one (for the audit hook).
+    Refuse(BoxError, Outcome, Option<Arc<str>>),
     Pass(T),
 }
 
@@ -106,7 +108,7 @@ where
             match this.state.as_mut().project() {
                 StateProj::Extracting { future } => {
                     let step = match ready!(future.poll(cx)) {
-                        Err(error) => Step::Refuse(error, Outcome::Rejected),
+                        Err(error) => Step::Refuse(error, Outcome::Rejected, None),
                         Ok(Extracted::Bypass(request)) => Step::Pass(request),
                         Ok(Extracted::Coalesce {
                             key,
@@ -143,9 +145,16 @@ where
                                 flights, &value, served,
                             ));
                         }
-                        Step::Refuse(error, outcome) => {
+                        Step::Refuse(error, outcome, subject) => {
                             this.state.set(State::Done);
                             flights.counters.record(outcome);
+                            if flights.audit.is_set() {
+                                flights.audit.emit(AuditEvent::Refused {
+                                    outcome,
+                                    reason: Coalesced::of_error(&*error).reason().unwrap_or(""),
+                                    subject: subject.as_deref(),
+                                });
+                            }
                             return Poll::Ready(flights.share.reject(error));
                         }
                     }
@@ -157,8 +166,10 @@ where
                 } => {
                     if let Poll::Ready(result) = waiter.future.poll_unpin(cx) {
                         let served = *served;
-                        #[cfg(feature = "metrics")]
-                        crate::metrics::record_wait(deadline.deadline(), flights.wait_timeout);
+                        flights
+                            .counters
+                            .durations
+                            .wait(deadline.deadline(), flights.wait_timeout);
                         this.state.set(State::Done);
                         return Poll::Ready(match result {
                             Ok(value) => {
@@ -221,7 +232,12 @@ where
         Ok(Lookup::Found(Found::Vacant)) => {
             let admission = match core.extract.admit(token, &mut request) {
                 Ok(admission) => admission,
-                Err(error) => return Step::Refuse(error, Outcome::Rejected),
+                Err(error) => return Step::Refuse(error, Outcome::Rejected, None),
+            };
+            let subject = if flights.audit.is_set() {
+                admission.shared_subject()
+            } else {
+                None
             };
             let inner = inner.take().expect("service taken once");
             let flight = Flight::new(key, &admission);
@@ -236,16 +252,20 @@ where
                             flight = waiter.id,
                             "reuse suspected: another token of this subject has a live entry"
                         );
+                        flights.audit.emit(AuditEvent::ReuseSuspected {
+                            subject: subject.as_deref(),
+                            flight: waiter.id,
+                        });
                     }
                     flights.counters.record(Outcome::Leader);
                     return Step::Wait(waiter, Served::Leader);
                 }
                 Ok((Lead::Found(found), _)) => Ok(found),
-                Err(refused) => Err(refused),
+                Err(refused) => Err((refused, subject)),
             }
         }
         Ok(Lookup::Found(other)) => Ok(other),
-        Err(refused) => Err(refused),
+        Err(refused) => Err((refused, None)),
     };
     match found {
         Ok(Found::Replay(value)) => {
@@ -254,16 +274,24 @@ where
         }
         Ok(Found::Join(waiter)) => {
             flights.counters.record(Outcome::Joined);
+            leader::link_flight(&waiter.span);
             tracing::debug!(flight = waiter.id, "joined flight");
             Step::Wait(waiter, Served::Joined)
         }
         Ok(Found::Vacant) => unreachable!("lead never reports a vacant key"),
         // The table's words for a refusal become the layer's errors here.
-        Err(Refused::Expired) => {
-            Step::Refuse(Rejected::new(Rejection::Expired).into(), Outcome::Rejected)
-        }
-        Err(Refused::Full(limit)) => {
-            Step::Refuse(Overloaded::new(limit).into(), Outcome::Overloaded)
+        Err((Refused::Expired, subject)) => Step::Refuse(
+            Rejected::new(Rejection::Expired).into(),
+            Outcome::Rejected,
+            subject,
+        ),
+        Err((Refused::Full(limit), subject)) => {
+            if limit == Limit::Group {
+                flights.audit.emit(AuditEvent::SubjectCapReached {
+                    subject: subject.as_deref(),
+                });
+            }
+            Step::Refuse(Overloaded::new(limit).into(), Outcome::Overloaded, subject)
         }
     }
 }
@@ -277,8 +305,13 @@ fn answer<R, E, P>(
 where
     P: Share<R, E>,
 {
-    match value.downcast_ref::<P::Value>() {
-        Some(value) => flights.share.respond(value, served),
+    match value.downcast_ref::<Flown<P::Value>>() {
+        Some(flown) => {
+            if served == Served::Replayed {
+                flown.link_replay();
+            }
+            flights.share.respond(&flown.value, served)
+        }
         None => {
             flights.counters.record(Outcome::LeaderFailed);
             flights

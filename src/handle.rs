@@ -3,6 +3,7 @@
 use std::{fmt, sync::Arc};
 
 use crate::{
+    audit::{Audit, AuditEvent, InvalidationScope},
     flight::Table,
     key::{Fingerprint, Fingerprinter},
     leader::Remote,
@@ -21,6 +22,7 @@ pub struct Handle {
     counters: Arc<Counters>,
     keys: Option<Fingerprinter>,
     remote: Option<Arc<Remote>>,
+    audit: Audit,
 }
 
 impl Handle {
@@ -29,12 +31,14 @@ impl Handle {
         counters: Arc<Counters>,
         keys: Option<Fingerprinter>,
         remote: Option<Arc<Remote>>,
+        audit: Audit,
     ) -> Self {
         Self {
             table,
             counters,
             keys,
             remote,
+            audit,
         }
     }
 
@@ -65,14 +69,30 @@ impl Handle {
     /// inner service. With a store, the same holds on every instance.
     pub fn invalidate(&self, key: &Fingerprint) -> bool {
         self.propagate(Invalidation::Key(*key));
-        self.table.invalidate(key)
+        let found = self.table.invalidate(key);
+        self.audited(InvalidationScope::Key, None, usize::from(found));
+        found
     }
 
     /// Removes every entry in `group` (the HTTP front groups entries by token subject);
     /// returns how many.
     pub fn invalidate_group(&self, group: &Fingerprint) -> usize {
+        let entries = self.remove_group(group);
+        self.audited(InvalidationScope::Group, None, entries);
+        entries
+    }
+
+    fn remove_group(&self, group: &Fingerprint) -> usize {
         self.propagate(Invalidation::Group(*group));
         self.table.invalidate_group(group)
+    }
+
+    fn audited(&self, scope: InvalidationScope, subject: Option<&str>, entries: usize) {
+        self.audit.emit(AuditEvent::Invalidated {
+            scope,
+            subject,
+            entries,
+        });
     }
 
     /// Removes every entry of refresh token `token`, whichever client, credential or sender
@@ -81,9 +101,10 @@ impl Handle {
     /// Only layers built with [`RefreshCoalesceLayer::http`](crate::RefreshCoalesceLayer::http)
     /// tag entries by token; on other layers this finds nothing and returns `0`.
     pub fn invalidate_token(&self, token: &str) -> usize {
-        self.keys
-            .as_ref()
-            .map_or(0, |keys| self.invalidate_group(&keys.token_tag(token)))
+        let Some(keys) = &self.keys else { return 0 };
+        let entries = self.remove_group(&keys.token_tag(token));
+        self.audited(InvalidationScope::Token, None, entries);
+        entries
     }
 
     /// Removes every entry of tokens whose subject is `subject`, for every client; returns
@@ -92,8 +113,27 @@ impl Handle {
     /// Only layers built with [`RefreshCoalesceLayer::http`](crate::RefreshCoalesceLayer::http)
     /// group entries by subject; on other layers this returns `0`.
     pub fn invalidate_subject(&self, subject: &str) -> usize {
-        self.keys.as_ref().map_or(0, |keys| {
-            self.invalidate_group(&keys.subject_group(subject))
+        let Some(keys) = &self.keys else { return 0 };
+        let entries = self.remove_group(&keys.subject_group(subject));
+        self.audited(InvalidationScope::Subject, Some(subject), entries);
+        entries
+    }
+
+    /// Reads a snapshot for as long as the layer lives, without keeping it alive.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn stats_source(&self) -> crate::otel::Source {
+        use std::sync::Weak;
+        let table = Arc::downgrade(&self.table);
+        let counters = Arc::downgrade(&self.counters);
+        let remote = self.remote.as_ref().map(Arc::downgrade);
+        Arc::new(move || {
+            let table = table.upgrade()?;
+            let counters = counters.upgrade()?;
+            let breaker_open = remote
+                .as_ref()
+                .and_then(Weak::upgrade)
+                .is_some_and(|remote| remote.breaker_open());
+            Some(counters.snapshot(table.gauges(), breaker_open))
         })
     }
 

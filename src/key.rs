@@ -10,6 +10,7 @@ use std::{
     fmt,
     future::{Future, Ready, ready},
     hash::{Hash, Hasher},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -262,6 +263,7 @@ pub struct Admission {
     tag: Option<Fingerprint>,
     not_after: Option<SystemTime>,
     seal: Option<[u8; 32]>,
+    subject: Option<Arc<str>>,
 }
 
 impl fmt::Debug for Admission {
@@ -271,6 +273,7 @@ impl fmt::Debug for Admission {
             .field("tag", &self.tag)
             .field("not_after", &self.not_after)
             .field("seal", &self.seal.map(|_| "<redacted>"))
+            .field("subject", &self.subject)
             .finish()
     }
 }
@@ -325,6 +328,23 @@ impl Admission {
     /// The token-derived sealing secret, if any.
     pub fn seal_key(&self) -> Option<&[u8; 32]> {
         self.seal.as_ref()
+    }
+
+    /// Names the verified subject of the request (the HTTP front sets the token's `sub`), for
+    /// [audit events](crate::AuditEvent). It is not stored in the table.
+    #[must_use]
+    pub fn subject(mut self, subject: impl Into<Arc<str>>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// The verified subject, if any.
+    pub fn subject_name(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+
+    pub(crate) fn shared_subject(&self) -> Option<Arc<str>> {
+        self.subject.clone()
     }
 
     /// The entry's group, if any.

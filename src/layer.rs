@@ -5,13 +5,14 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower_layer::Layer;
 
 use crate::{
+    audit::{Audit, AuditEvent},
     core::Core,
     error::BuildError,
     flight::{Limits, Table},
     handle::Handle,
     key::Fingerprinter,
     leader::{Breaker, Flights, Remote},
-    metrics::Counters,
+    metrics::{Counters, Durations},
     service::RefreshCoalesce,
     share::CloneResponse,
     store::{Invalidation, Store},
@@ -83,6 +84,9 @@ impl<X> RefreshCoalesceLayer<X> {
             store: None,
             breaker: (3, Duration::from_secs(5)),
             require_store: false,
+            audit: Audit::default(),
+            #[cfg(feature = "opentelemetry")]
+            meter: None,
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct Builder<X, P = CloneResponse> {
     store: Option<Arc<dyn Store>>,
     breaker: (u32, Duration),
     require_store: bool,
+    audit: Audit,
+    #[cfg(feature = "opentelemetry")]
+    meter: Option<opentelemetry::metrics::Meter>,
 }
 
 type Check = Box<dyn FnOnce(bool) -> Result<(), BuildError> + Send>;
@@ -166,6 +173,43 @@ type Check = Box<dyn FnOnce(bool) -> Result<(), BuildError> + Send>;
 pub(crate) const DEFAULT_MAX_PER_GROUP: u32 = 32;
 
 impl<X, P> Builder<X, P> {
+    /// Hands every [`AuditEvent`] of the layer to `hook`, on the task where it happens:
+    /// suspected reuse, invalidations, refusals with their reason, the per-subject cap
+    /// reached, the store's breaker opening and closing. Events carry the subject where the
+    /// layer verified one, never a token. Keep the hook quick (a log line, a channel send).
+    ///
+    /// ```
+    /// use tower_refresh_coalesce::{AuditEvent, RefreshCoalesceLayer};
+    ///
+    /// let layer = RefreshCoalesceLayer::builder(|req: &String| Some(req.clone()))
+    ///     .audit(|event: &AuditEvent<'_>| {
+    ///         tracing::warn!(event = event.kind(), subject = event.subject(), "audit");
+    ///     })
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    #[must_use]
+    pub fn audit(mut self, hook: impl Fn(&AuditEvent<'_>) + Send + Sync + 'static) -> Self {
+        self.audit = Audit::new(hook);
+        self
+    }
+
+    /// Reports the layer's instruments through `meter` (feature `opentelemetry`). Without
+    /// it, the layer takes the meter `tower-refresh-coalesce` of the global meter provider
+    /// when it is built: set the provider first.
+    ///
+    /// Counters by outcome and the gauges are observable instruments read at each
+    /// collection, from the same atomics as [`Handle::stats`]; the wait, the inner call and
+    /// each store command are histograms in seconds. The names are listed in the
+    /// [crate documentation](crate#observability).
+    #[cfg(feature = "opentelemetry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+    #[must_use]
+    pub fn meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
     /// How long a replayable result is replayed to later requests with the same key.
     /// Default: 30 seconds. Keep it shorter than the identity server's reuse window.
     #[must_use]
@@ -281,6 +325,9 @@ impl<X, P> Builder<X, P> {
             store: self.store,
             breaker: self.breaker,
             require_store: self.require_store,
+            audit: self.audit,
+            #[cfg(feature = "opentelemetry")]
+            meter: self.meter,
         }
     }
 
@@ -312,6 +359,14 @@ impl<X, P> Builder<X, P> {
             max_replays: self.max_replays,
             max_per_group: self.max_per_group,
         }));
+        #[cfg(feature = "opentelemetry")]
+        let meter = self
+            .meter
+            .unwrap_or_else(|| opentelemetry::global::meter("tower-refresh-coalesce"));
+        #[cfg(feature = "opentelemetry")]
+        let durations = Durations::with_otel(crate::otel::Histograms::new(&meter));
+        #[cfg(not(feature = "opentelemetry"))]
+        let durations = Durations::default();
         let remote = self.store.map(|store| {
             // Other instances' invalidations reach this table.
             let weak = Arc::downgrade(&table);
@@ -337,22 +392,28 @@ impl<X, P> Builder<X, P> {
                 // A leader keeps trying to store its result as long as followers wait.
                 self.wait_timeout,
                 self.require_store,
+                self.audit.clone(),
+                durations.clone(),
             ))
         });
-        Ok(RefreshCoalesceLayer {
+        let layer = RefreshCoalesceLayer {
             core: Arc::new(Core {
                 extract: self.extract,
                 flights: Arc::new(Flights {
                     share: self.share,
                     table,
-                    counters: Arc::new(Counters::default()),
+                    counters: Arc::new(Counters::new(durations)),
                     remote,
                     wait_timeout: self.wait_timeout,
                     hard_cap: self.hard_cap,
+                    audit: self.audit,
                 }),
                 keys: self.keys,
             }),
-        })
+        };
+        #[cfg(feature = "opentelemetry")]
+        crate::otel::observe(&meter, &layer.handle().stats_source());
+        Ok(layer)
     }
 }
 

@@ -329,6 +329,7 @@ pub mod store;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod token;
 
+mod audit;
 mod core;
 mod flight;
 mod handle;
@@ -336,16 +337,21 @@ mod key;
 mod layer;
 mod leader;
 mod metrics;
+#[cfg(feature = "opentelemetry")]
+mod otel;
+mod outcome;
 mod service;
 mod share;
 mod sync;
 
 pub use crate::{
+    audit::{AuditEvent, InvalidationScope},
     error::BoxError,
     handle::Handle,
     key::{Admission, Extract, Extracted, Fingerprint, Fingerprinter, MIN_SECRET_LEN},
     layer::{Builder, RefreshCoalesceLayer},
-    metrics::{Outcome, Stats},
+    metrics::Stats,
+    outcome::{Coalesced, Outcome},
     service::RefreshCoalesce,
     share::{CloneResponse, ReplayAll, ReplayPredicate, Served, Share},
 };

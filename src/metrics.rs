@@ -1,68 +1,54 @@
-//! Counters and gauges.
+//! Counters, gauges and durations.
 //!
 //! [`Stats`] snapshots are always available from a [`Handle`](crate::Handle). With the
-//! `metrics` feature the same events also go to the `metrics` facade:
-//! `refresh_coalesce_requests_total{outcome}`, `refresh_coalesce_reuse_suspected_total`,
-//! `refresh_coalesce_store_total{event}` and the histogram
-//! `refresh_coalesce_wait_seconds` (how long callers waited for their flight).
+//! `metrics` feature the same events also go to the `metrics` facade, and with the
+//! `opentelemetry` feature to an OpenTelemetry meter ([`otel`](crate::otel)), under the same
+//! names (OpenTelemetry's conventions: dotted, durations in seconds; a Prometheus exporter
+//! writes `refresh_coalesce_requests_total`):
+//!
+//! | name | kind | attributes |
+//! |---|---|---|
+//! | `refresh_coalesce.requests` | counter | `outcome` |
+//! | `refresh_coalesce.reuse_suspected` | counter | |
+//! | `refresh_coalesce.store.events` | counter | `event` |
+//! | `refresh_coalesce.wait.duration` | histogram, s | |
+//! | `refresh_coalesce.inner.duration` | histogram, s | |
+//! | `refresh_coalesce.store.duration` | histogram, s | `command` |
+//! | `refresh_coalesce.flights.active` | gauge | |
+//! | `refresh_coalesce.entries` | gauge | |
+//! | `refresh_coalesce.breaker.open` | gauge | |
 
 use std::sync::atomic::{
     AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
 
-/// The `metrics` name of the requests counter, by outcome.
-#[cfg(feature = "metrics")]
-const REQUESTS: &str = "refresh_coalesce_requests_total";
+use crate::outcome::Outcome;
 
-/// How a request ended, one counter each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Outcome {
-    /// It started a flight.
-    Leader,
-    /// It joined a running flight.
-    Joined,
-    /// It was answered from a replay.
-    Replayed,
-    /// It was refused before any coalescing (no token, invalid token, body too large).
-    Rejected,
-    /// It waited `wait_timeout` and gave up.
-    TimedOut,
-    /// A limit turned it away.
-    Overloaded,
-    /// Its flight's inner call panicked, was aborted or cancelled.
-    LeaderFailed,
-    /// It was not coalesced and went straight to the inner service.
-    Bypassed,
-}
-
-impl Outcome {
-    /// Every outcome, in a fixed order.
-    pub const ALL: [Outcome; 8] = [
-        Outcome::Leader,
-        Outcome::Joined,
-        Outcome::Replayed,
-        Outcome::Rejected,
-        Outcome::TimedOut,
-        Outcome::Overloaded,
-        Outcome::LeaderFailed,
-        Outcome::Bypassed,
-    ];
-
-    /// The outcome's name in snake case, as used for metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Leader => "leader",
-            Outcome::Joined => "joined",
-            Outcome::Replayed => "replayed",
-            Outcome::Rejected => "rejected",
-            Outcome::TimedOut => "timed_out",
-            Outcome::Overloaded => "overloaded",
-            Outcome::LeaderFailed => "leader_failed",
-            Outcome::Bypassed => "bypassed",
-        }
-    }
+/// The names of the instruments, shared by the `metrics` and `opentelemetry` features.
+#[cfg_attr(
+    not(any(feature = "metrics", feature = "opentelemetry")),
+    allow(dead_code)
+)]
+pub(crate) mod names {
+    /// Requests by `outcome`.
+    pub(crate) const REQUESTS: &str = "refresh_coalesce.requests";
+    /// Leaders whose subject had a live entry for another token.
+    pub(crate) const REUSE_SUSPECTED: &str = "refresh_coalesce.reuse_suspected";
+    /// What flights did with the store, by `event`.
+    pub(crate) const STORE_EVENTS: &str = "refresh_coalesce.store.events";
+    /// How long callers waited for their flight, in seconds.
+    pub(crate) const WAIT: &str = "refresh_coalesce.wait.duration";
+    /// How long the inner call took (with buffering its response), in seconds.
+    pub(crate) const INNER: &str = "refresh_coalesce.inner.duration";
+    /// How long each store command took, by `command`, in seconds.
+    pub(crate) const STORE: &str = "refresh_coalesce.store.duration";
+    /// Inner calls running now.
+    pub(crate) const FLIGHTS: &str = "refresh_coalesce.flights.active";
+    /// Live flights and replays.
+    pub(crate) const ENTRIES: &str = "refresh_coalesce.entries";
+    /// 1 while the store's breaker is open.
+    pub(crate) const BREAKER: &str = "refresh_coalesce.breaker.open";
 }
 
 /// A snapshot of the layer's counters and gauges, from [`Handle::stats`](crate::Handle::stats).
@@ -112,6 +98,19 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The store counters by the `event` label they have in the `metrics` and OpenTelemetry
+    /// backends: `won`, `lost`, `replayed`, `error`, `breaker_opened`, `unreplicated`.
+    pub fn store_events(&self) -> [(&'static str, u64); 6] {
+        [
+            ("won", self.store_won),
+            ("lost", self.store_lost),
+            ("replayed", self.store_replayed),
+            ("error", self.store_errors),
+            ("breaker_opened", self.breaker_opened),
+            ("unreplicated", self.store_unreplicated),
+        ]
+    }
+
     /// The counter of `outcome`.
     pub fn outcome(&self, outcome: Outcome) -> u64 {
         match outcome {
@@ -133,6 +132,7 @@ pub(crate) struct Counters {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     reuse_suspected: AtomicU64,
     pub(crate) store: StoreCounters,
+    pub(crate) durations: Durations,
 }
 
 /// What happened between the flights and the store.
@@ -150,23 +150,30 @@ impl StoreCounters {
     pub(crate) fn add(counter: &AtomicU64, name: &'static str) {
         counter.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!("refresh_coalesce_store_total", "event" => name).increment(1);
+        metrics::counter!(names::STORE_EVENTS, "event" => name).increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = name;
     }
 }
 
 impl Counters {
+    pub(crate) fn new(durations: Durations) -> Self {
+        Self {
+            durations,
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn record(&self, outcome: Outcome) {
         self.outcomes[outcome as usize].fetch_add(1, Release);
         #[cfg(feature = "metrics")]
-        metrics::counter!(REQUESTS, "outcome" => outcome.as_str()).increment(1);
+        metrics::counter!(names::REQUESTS, "outcome" => outcome.as_str()).increment(1);
     }
 
     pub(crate) fn reuse_suspected(&self) {
         self.reuse_suspected.fetch_add(1, Release);
         #[cfg(feature = "metrics")]
-        metrics::counter!("refresh_coalesce_reuse_suspected_total").increment(1);
+        metrics::counter!(names::REUSE_SUSPECTED).increment(1);
     }
 
     /// The counters with the table's `gauges` and the breaker's state.
@@ -222,7 +229,7 @@ impl ReplayCount {
     pub(crate) fn count(&self) {
         self.0.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!(REQUESTS, "outcome" => Outcome::Replayed.as_str()).increment(1);
+        metrics::counter!(names::REQUESTS, "outcome" => Outcome::Replayed.as_str()).increment(1);
     }
 
     pub(crate) fn get(&self) -> u64 {
@@ -230,9 +237,82 @@ impl ReplayCount {
     }
 }
 
-/// Records how long a caller waited for its flight, from the deadline its wait had.
+/// The durations the layer measures, recorded to whichever backends are enabled; cheap to
+/// clone, and free without the `metrics` and `opentelemetry` features.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Durations {
+    #[cfg(feature = "opentelemetry")]
+    otel: Option<crate::otel::Histograms>,
+}
+
+impl Durations {
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn with_otel(otel: crate::otel::Histograms) -> Self {
+        Self { otel: Some(otel) }
+    }
+
+    /// Whether any backend records durations: the clock is read only then.
+    pub(crate) fn enabled(&self) -> bool {
+        #[cfg(feature = "opentelemetry")]
+        if self.otel.is_some() {
+            return true;
+        }
+        cfg!(feature = "metrics")
+    }
+
+    /// How long a caller waited for its flight, from the deadline its wait had.
+    pub(crate) fn wait(&self, deadline: tokio::time::Instant, wait_timeout: std::time::Duration) {
+        if !self.enabled() {
+            return;
+        }
+        let waited = (deadline - wait_timeout).elapsed().as_secs_f64();
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(names::WAIT).record(waited);
+        #[cfg(feature = "opentelemetry")]
+        if let Some(otel) = &self.otel {
+            otel.wait.record(waited, &[]);
+        }
+        let _ = waited;
+    }
+
+    /// The start of a measurement, when any backend records durations.
+    pub(crate) fn start(&self) -> Option<tokio::time::Instant> {
+        self.enabled().then(tokio::time::Instant::now)
+    }
+
+    /// How long the inner call took, from `started`.
+    pub(crate) fn inner(&self, started: Option<tokio::time::Instant>) {
+        let Some(started) = started else { return };
+        let took = started.elapsed().as_secs_f64();
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(names::INNER).record(took);
+        #[cfg(feature = "opentelemetry")]
+        if let Some(otel) = &self.otel {
+            otel.inner.record(took, &[]);
+        }
+        let _ = took;
+    }
+
+    /// How long the store command `command` took, from `started`.
+    pub(crate) fn store(&self, command: &'static str, started: Option<tokio::time::Instant>) {
+        let Some(started) = started else { return };
+        let took = started.elapsed().as_secs_f64();
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(names::STORE, "command" => command).record(took);
+        #[cfg(feature = "opentelemetry")]
+        if let Some(otel) = &self.otel {
+            otel.store
+                .record(took, &[opentelemetry::KeyValue::new("command", command)]);
+        }
+        let _ = (took, command);
+    }
+}
+
+/// Sets the `metrics` gauges from a snapshot (the flight task does, as each flight starts
+/// and ends; OpenTelemetry observes them at each collection instead).
 #[cfg(feature = "metrics")]
-pub(crate) fn record_wait(deadline: tokio::time::Instant, wait_timeout: std::time::Duration) {
-    let started = deadline - wait_timeout;
-    metrics::histogram!("refresh_coalesce_wait_seconds").record(started.elapsed().as_secs_f64());
+pub(crate) fn set_gauges(gauges: TableGauges, breaker_open: bool) {
+    metrics::gauge!(names::FLIGHTS).set(gauges.in_flight as f64);
+    metrics::gauge!(names::ENTRIES).set(gauges.entries as f64);
+    metrics::gauge!(names::BREAKER).set(u64::from(breaker_open) as f64);
 }

@@ -10,7 +10,10 @@ use std::{
     future::{Future, Ready, ready},
 };
 
-use crate::error::{self, BoxError};
+use crate::{
+    error::{self, BoxError},
+    outcome::Outcome,
+};
 
 /// How a caller was served; the HTTP front can report it in a response header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +34,17 @@ impl Served {
             Served::Leader => "leader",
             Served::Joined => "joined",
             Served::Replayed => "replayed",
+        }
+    }
+}
+
+impl Served {
+    /// The outcome a caller served this way is counted as.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Served::Leader => Outcome::Leader,
+            Served::Joined => Outcome::Joined,
+            Served::Replayed => Outcome::Replayed,
         }
     }
 }

@@ -72,4 +72,6 @@ pub(super) enum State {
 pub(super) struct Running {
     pub(super) future: FlightFuture,
     pub(super) waiters: sync::Arc<AtomicUsize>,
+    /// The span the flight's task runs in: callers who join link to it.
+    pub(super) span: tracing::Span,
 }

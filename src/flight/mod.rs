@@ -124,7 +124,26 @@ pub(crate) enum Lookup<T> {
 pub(crate) struct Waiter {
     pub(crate) id: u64,
     pub(crate) future: FlightFuture,
+    /// The flight's span, for a caller who joined (the leader's own request is its parent):
+    /// holding it keeps the span open while the caller links to it.
+    pub(crate) span: tracing::Span,
     _slot: WaiterSlot,
+}
+
+/// What [`Table::lead`]'s `start` launched: the future the flight's callers await, and the
+/// span its task runs in.
+pub(crate) struct Launched {
+    pub(crate) future: FlightFuture,
+    pub(crate) span: tracing::Span,
+}
+
+impl From<FlightFuture> for Launched {
+    fn from(future: FlightFuture) -> Self {
+        Self {
+            future,
+            span: tracing::Span::none(),
+        }
+    }
 }
 
 /// Why the table turned a request away, in its own words: the layer decides what each
@@ -264,7 +283,11 @@ impl Table {
                 }
             }
             State::Flight(running) => {
-                let Running { future, waiters } = &**running;
+                let Running {
+                    future,
+                    waiters,
+                    span,
+                } = &**running;
                 if waiters.load(Ordering::Relaxed) >= self.limits.max_waiters {
                     return Err(Refused::Full(Limit::Waiters));
                 }
@@ -272,6 +295,7 @@ impl Table {
                 Some(Found::Join(Waiter {
                     id,
                     future: future.clone(),
+                    span: span.clone(),
                     _slot: WaiterSlot(waiters.clone()),
                 }))
             }
@@ -297,11 +321,11 @@ impl Table {
     /// `start` is called with the new flight's id under the shard lock and must spawn the
     /// task (and only spawn it: the inner service is called inside the task). The returned
     /// flag is `true` when the admission's group already had an entry for another key.
-    pub(crate) fn lead(
+    pub(crate) fn lead<L: Into<Launched>>(
         self: &Arc<Self>,
         key: Fingerprint,
         admission: Admission,
-        start: impl FnOnce(u64) -> FlightFuture,
+        start: impl FnOnce(u64) -> L,
     ) -> Result<(Lead, bool), Refused> {
         let now = Instant::now();
         let key = Slot::of(&key);
@@ -351,7 +375,7 @@ impl Table {
             return Err(Refused::Full(Limit::Group));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let future = start(id);
+        let Launched { future, span } = start(id).into();
         let waiters = sync::Arc::new(AtomicUsize::new(1));
         let mut reuse = false;
         if let Some((counts, tag)) = &mut counts {
@@ -377,6 +401,7 @@ impl Table {
                 state: State::Flight(Box::new(Running {
                     future: future.clone(),
                     waiters: waiters.clone(),
+                    span,
                 })),
                 cold: Cold::new(&admission),
             },
@@ -390,6 +415,7 @@ impl Table {
         let waiter = Waiter {
             id,
             future,
+            span: tracing::Span::none(),
             _slot: WaiterSlot(waiters),
         };
         Ok((Lead::Started(waiter), reuse))

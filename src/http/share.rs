@@ -21,6 +21,7 @@ use super::{
 };
 use crate::{
     error::BoxError,
+    outcome::{Coalesced, Outcome},
     share::{Served, Share},
 };
 
@@ -273,6 +274,13 @@ where
     }
 
     fn respond(&self, value: &Self::Value, served: Served) -> Result<Self::Response, E> {
+        let outcome = Coalesced::new(served.outcome());
+        let unshareable = || {
+            with_outcome(
+                self.refusal(&Unshareable),
+                outcome.with_reason("unshareable"),
+            )
+        };
         let mut response = match &value.kind {
             SharedKind::Buffered(buffered) => {
                 let trailers = buffered.trailers.as_ref().map(|trailers| trailers.unpack());
@@ -285,28 +293,36 @@ where
             }
             SharedKind::Streamed(slot) => match take(slot) {
                 Some(response) => response,
-                None => return Ok(self.refusal(&Unshareable)),
+                None => return Ok(unshareable()),
             },
             SharedKind::Failed(slot) => match take(slot) {
                 Some(error) => return Err(error),
-                None => return Ok(self.refusal(&Unshareable)),
+                None => return Ok(unshareable()),
             },
-            SharedKind::BodyFailed => return Ok(self.refusal(&Unshareable)),
+            SharedKind::BodyFailed => return Ok(unshareable()),
         };
         if self.report {
             response
                 .headers_mut()
                 .insert(COALESCED_HEADER, HeaderValue::from_static(served.as_str()));
         }
-        Ok(response)
+        Ok(with_outcome(response, outcome))
     }
 
     fn reject(&self, error: BoxError) -> Result<Self::Response, E> {
-        Ok(self.refusal(&*error))
+        Ok(with_outcome(
+            self.refusal(&*error),
+            Coalesced::of_error(&*error),
+        ))
     }
 
     fn pass(&self, result: Result<Response<B>, E>) -> Result<Self::Response, E> {
-        result.map(|response| response.map(ResponseBody::streaming))
+        result.map(|response| {
+            with_outcome(
+                response.map(ResponseBody::streaming),
+                Coalesced::new(Outcome::Bypassed),
+            )
+        })
     }
 
     fn ready_error(&self, error: E) -> E {
@@ -436,4 +452,10 @@ mod tests {
         longer.push(0);
         assert_eq!(wire::decode(&longer), None, "trailing bytes");
     }
+}
+
+/// Records what the layer did with the request in the response's extensions.
+fn with_outcome<B>(mut response: Response<B>, outcome: Coalesced) -> Response<B> {
+    response.extensions_mut().insert(outcome);
+    response
 }

@@ -21,8 +21,9 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
+    audit::Audit,
     error::{Failure, LeaderFailed},
-    flight::{FlightFuture, FlightGuard, FlightResult, Table, Value},
+    flight::{FlightGuard, FlightResult, Launched, Table, Value},
     key::{Admission, Fingerprint},
     metrics::{Counters, StoreCounters},
     share::Share,
@@ -44,12 +45,23 @@ pub(crate) struct Flights<P> {
     pub(crate) remote: Option<Arc<Remote>>,
     pub(crate) wait_timeout: Duration,
     pub(crate) hard_cap: Duration,
+    /// The audit hook, if any.
+    pub(crate) audit: Audit,
 }
 
 pub(crate) use self::{
     breaker::Breaker,
     remote::{Finished, Followed, Plan, Remote},
 };
+
+#[cfg(feature = "metrics")]
+impl<P> Flights<P> {
+    /// Sets the `metrics` gauges, as a flight starts and ends.
+    fn set_gauges(&self) {
+        let breaker_open = self.remote.as_ref().is_some_and(|r| r.breaker_open());
+        crate::metrics::set_gauges(self.table.gauges(), breaker_open);
+    }
+}
 
 /// What the flight task needs to know of its key.
 #[derive(Clone, Copy)]
@@ -89,7 +101,7 @@ pub(crate) fn spawn<P, S, R>(
     request: R,
     flight: Flight,
     id: u64,
-) -> FlightFuture
+) -> Launched
 where
     S: Service<R> + Send + 'static,
     S::Future: Send + 'static,
@@ -99,13 +111,18 @@ where
     P: Share<S::Response, S::Error>,
 {
     let flights = flights.clone();
-    let span = tracing::debug_span!("refresh_coalesce_flight", flight = id);
+    // A child of the leader's request span; callers who join link to it.
+    let span = tracing::info_span!("refresh_coalesce_flight", flight = id);
+    let task_span = span.clone();
     let task = async move {
         let guard = FlightGuard::new(flights.table.clone(), flight.key, id);
         let run = run(&flights, inner, request, flight);
-        match tokio::time::timeout(flights.hard_cap, run).await {
+        #[cfg(feature = "metrics")]
+        flights.set_gauges();
+        let result = tokio::time::timeout(flights.hard_cap, run).await;
+        let outcome = match result {
             Ok(Ok((value, replay))) => {
-                let value: Value = Arc::new(value);
+                let value: Value = Arc::new(Flown::new(value, id, replay.is_some()));
                 // An invalidation removed the entry while the flight ran (here, or on another
                 // instance through the store's listener): the result is revoked for every
                 // caller, not only for the next request.
@@ -115,20 +132,68 @@ where
                     Err(LeaderFailed::new(Failure::Revoked))
                 }
             }
-            Ok(Err(failure)) => Err(LeaderFailed::new(failure)),
+            Ok(Err(failure)) => {
+                drop(guard);
+                Err(LeaderFailed::new(failure))
+            }
             Err(_) => {
+                drop(guard);
                 tracing::warn!(
                     flight = id,
                     "inner call exceeded the hard cap and was aborted"
                 );
                 Err(LeaderFailed::new(Failure::HardCap))
             }
-        }
+        };
+        #[cfg(feature = "metrics")]
+        flights.set_gauges();
+        outcome
     };
-    let handle = tokio::spawn(task.instrument(span));
+    let handle = tokio::spawn(task.instrument(task_span));
     let future: Pin<Box<dyn Future<Output = FlightResult> + Send>> =
         Box::pin(handle.map(join_result));
-    future.shared()
+    Launched {
+        future: future.shared(),
+        span,
+    }
+}
+
+/// A flight's value as the table keeps it, with the span of its replay window.
+pub(crate) struct Flown<V> {
+    pub(crate) value: V,
+    /// A child of the flight's span that lives as long as the value is replayed, so that
+    /// replayed requests link into the trace of the flight. Only when a subscriber records
+    /// the flight's span; boxed, so that it costs one word otherwise.
+    replay: Option<Box<tracing::Span>>,
+}
+
+impl<V> Flown<V> {
+    /// Called inside the flight's span.
+    fn new(value: V, flight: u64, replayed: bool) -> Self {
+        let current = tracing::Span::current();
+        let replay = (replayed && !current.is_disabled()).then(|| {
+            Box::new(tracing::info_span!(
+                parent: &current,
+                "refresh_coalesce_replay",
+                flight
+            ))
+        });
+        Self { value, replay }
+    }
+
+    /// Links the current span (a replayed request's) to the replay window's span.
+    pub(crate) fn link_replay(&self) {
+        if let Some(id) = self.replay.as_deref().and_then(tracing::Span::id) {
+            tracing::Span::current().follows_from(id);
+        }
+    }
+}
+
+/// Links the current span (a joined request's) to the span of the flight it joined.
+pub(crate) fn link_flight(flight: &tracing::Span) {
+    if let Some(id) = flight.id() {
+        tracing::Span::current().follows_from(id);
+    }
 }
 
 /// The body of a flight: its value, and how long to replay it (`None`: not at all).
@@ -279,8 +344,12 @@ where
     S: Service<R>,
     P: Share<S::Response, S::Error>,
 {
+    let durations = &flights.counters.durations;
+    let started = durations.start();
     let result = inner.call(request).await;
-    flights.share.share(result).await
+    let value = flights.share.share(result).await;
+    durations.inner(started);
+    value
 }
 
 /// Maps the leader task's join result to a flight result.

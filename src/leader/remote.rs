@@ -1,14 +1,15 @@
 //! [`Remote`]: a flight's side of the protocol with other instances, through the layer's
 //! store and its breaker.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
 use super::Breaker;
 use crate::{
+    audit::{Audit, AuditEvent},
     key::Fingerprint,
-    metrics::StoreCounters,
+    metrics::{Durations, StoreCounters},
     store::{
         Completed, Election, Fence, Generations, Invalidation, Keep, Store, StoreError,
         StoreErrorKind, Stored, Waited,
@@ -68,6 +69,10 @@ pub(crate) struct Remote {
     /// Refuse, rather than call the inner service on this instance alone, while the store
     /// cannot be reached.
     pub(crate) required: bool,
+    /// Hears the breaker open and close.
+    audit: Audit,
+    /// Times each store command.
+    durations: Durations,
 }
 
 impl Remote {
@@ -77,6 +82,8 @@ impl Remote {
         lease: Duration,
         write_budget: Duration,
         required: bool,
+        audit: Audit,
+        durations: Durations,
     ) -> Self {
         Self {
             store,
@@ -84,6 +91,8 @@ impl Remote {
             lease,
             write_budget,
             required,
+            audit,
+            durations,
         }
     }
 
@@ -106,8 +115,14 @@ impl Remote {
         let mut delay = Duration::from_millis(50);
         for attempt in 1.. {
             let result = match invalidation {
-                Invalidation::Key(key) => self.store.invalidate(key, life).await,
-                Invalidation::Group(group) => self.store.invalidate_group(group, life).await,
+                Invalidation::Key(key) => {
+                    self.timed("invalidate", self.store.invalidate(key, life))
+                        .await
+                }
+                Invalidation::Group(group) => {
+                    self.timed("invalidate_group", self.store.invalidate_group(group, life))
+                        .await
+                }
             };
             match result {
                 Ok(()) => return,
@@ -130,12 +145,21 @@ impl Remote {
         }
     }
 
+    /// Runs one store command, timing it.
+    async fn timed<T>(&self, command: &'static str, command_future: impl Future<Output = T>) -> T {
+        let started = self.durations.start();
+        let output = command_future.await;
+        self.durations.store(command, started);
+        output
+    }
+
     /// Records the outcome of one store command on the breaker and the counters.
     fn record<T>(&self, result: Result<T, StoreError>, counters: &StoreCounters) -> Option<T> {
         match result {
             Ok(value) => {
                 if self.breaker.succeeded() {
                     tracing::info!("coordination store reachable again: breaker closed");
+                    self.audit.emit(AuditEvent::BreakerClosed);
                 }
                 Some(value)
             }
@@ -148,6 +172,7 @@ impl Remote {
                         cool_down = ?self.breaker.cool_down,
                         "coordination store failing: breaker open, flights coalesce per instance"
                     );
+                    self.audit.emit(AuditEvent::BreakerOpened);
                 }
                 None
             }
@@ -165,8 +190,8 @@ impl Remote {
         if !self.breaker.allows() {
             return None;
         }
-        self.record(self.store.load(key, seal, group).await, counters)
-            .flatten()
+        let loaded = self.timed("load", self.store.load(key, seal, group)).await;
+        self.record(loaded, counters).flatten()
     }
 
     /// Step 2: the group's generation (before the key's: an invalidation of the group after
@@ -190,7 +215,9 @@ impl Remote {
             match group {
                 None => None,
                 Some(group) => {
-                    let read = self.store.group_generation(group, life).await;
+                    let read = self
+                        .timed("group_generation", self.store.group_generation(group, life))
+                        .await;
                     Some((*group, self.record(read, counters)))
                 }
             }
@@ -201,7 +228,9 @@ impl Remote {
             match tag {
                 None => true,
                 Some(tag) => {
-                    let remembered = self.store.remember(tag, key, life).await;
+                    let remembered = self
+                        .timed("remember", self.store.remember(tag, key, life))
+                        .await;
                     self.record(remembered, counters).is_some()
                 }
             }
@@ -254,10 +283,14 @@ impl Remote {
         fence: &Fence,
         counters: &StoreCounters,
     ) -> Option<Election> {
-        let election = match self.store.elect(key, fence, self.lease).await {
+        let election = match self
+            .timed("elect", self.store.elect(key, fence, self.lease))
+            .await
+        {
             Err(error) => {
                 self.record::<()>(Err(error), counters);
-                self.store.elect(key, fence, self.lease).await
+                self.timed("elect", self.store.elect(key, fence, self.lease))
+                    .await
             }
             done => done,
         };
@@ -268,7 +301,7 @@ impl Remote {
     /// failover of the store does not hand the key to a second leader. A lock the replicas
     /// did not acknowledge in time is counted and logged, and the leader goes on.
     async fn replicate(&self, key: &Fingerprint, counters: &StoreCounters) {
-        let replicated = self.store.replicate(key).await;
+        let replicated = self.timed("replicate", self.store.replicate(key)).await;
         if self.record(replicated, counters) == Some(false) {
             StoreCounters::add(&counters.unreplicated, "unreplicated");
             tracing::warn!(
@@ -342,8 +375,10 @@ impl Remote {
             started: *started,
         };
         let completed = self
-            .store
-            .complete(key, fence, seal, value, keep, started)
+            .timed(
+                "complete",
+                self.store.complete(key, fence, seal, value, keep, started),
+            )
             .await;
         match completed {
             Err(error) if retryable(&error) => {
