@@ -36,7 +36,7 @@ done
 rss() { awk '/^VmRSS:/ { print $2 " kB" }' "/proc/$server/status"; }
 gauges() {
     curl -fsS "http://$addr/metrics" \
-        | grep -E '^(refresh_coalesce_(in_flight|entries)|refresh_(rotations|reuse_detected)_total)[ {]'
+        | grep -E '^(refresh_coalesce_(flights_active|entries)|refresh_(rotations|reuse_detected)_total)[ {]'
 }
 
 echo "soak.sh: server pid $server on $addr, RSS at start $(rss)"
@@ -61,7 +61,7 @@ echo "soak.sh: server RSS at the end of the load $(rss)"
 sleep 4
 echo "soak.sh: 4 s after the load, server RSS $(rss); gauges:"
 gauges | tee "$dir/gauges.txt"
-awk '$1 ~ /^refresh_coalesce_(in_flight|entries)$/ && $2 != 0 { bad = 1 } END { exit bad }' \
+awk '$1 ~ /^refresh_coalesce_(flights_active|entries)$/ && $2 != 0 { bad = 1 } END { exit bad }' \
     "$dir/gauges.txt" || { echo "soak.sh: a gauge did not return to 0" >&2; status=1; }
 awk '$1 == "refresh_reuse_detected_total" && $2 != 0 { bad = 1 } END { exit bad }' \
     "$dir/gauges.txt" || { echo "soak.sh: reuse detected" >&2; status=1; }

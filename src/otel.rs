@@ -58,29 +58,31 @@ impl Histograms {
 /// Where the observable instruments read a [`Stats`] snapshot: `None` once the layer is gone.
 pub(crate) type Source = Arc<dyn Fn() -> Option<Stats> + Send + Sync>;
 
+/// Hands each point of a counter (its value and attributes) to the observer.
+type Observe = fn(&Stats, &mut dyn FnMut(u64, &[KeyValue]));
+
 /// Registers the observable counters and gauges. They observe for as long as the meter
 /// provider lives, and observe nothing once the layer is dropped.
 pub(crate) fn observe(meter: &Meter, source: &Source) {
     {
-        let counter =
-            |name: &'static str,
-             unit: &'static str,
-             description: &'static str,
-             observe: fn(&Stats, &mut dyn FnMut(u64, &[KeyValue]))| {
-                let source = source.clone();
-                meter
-                    .u64_observable_counter(name)
-                    .with_unit(unit)
-                    .with_description(description)
-                    .with_callback(move |instrument| {
-                        if let Some(stats) = source() {
-                            observe(&stats, &mut |value, attributes| {
-                                instrument.observe(value, attributes)
-                            });
-                        }
-                    })
-                    .build()
-            };
+        let counter = |name: &'static str,
+                       unit: &'static str,
+                       description: &'static str,
+                       observe: Observe| {
+            let source = source.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |instrument| {
+                    if let Some(stats) = source() {
+                        observe(&stats, &mut |value, attributes| {
+                            instrument.observe(value, attributes)
+                        });
+                    }
+                })
+                .build()
+        };
         let gauge = |name: &'static str,
                      unit: &'static str,
                      description: &'static str,

@@ -45,7 +45,9 @@ fn a_panicking_start_gives_its_place_back() {
     }));
     let key = Fingerprint::from("k");
     let panicked = catch_unwind(AssertUnwindSafe(|| {
-        table.lead(key, Admission::new(), |_| panic!("no runtime to spawn on"))
+        table.lead(key, Admission::new(), |_| -> FlightFuture {
+            panic!("no runtime to spawn on")
+        })
     }));
     assert!(panicked.is_err());
     assert_eq!(table.len(), 0);

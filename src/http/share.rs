@@ -405,6 +405,12 @@ where
     ))
 }
 
+/// Records what the layer did with the request in the response's extensions.
+fn with_outcome<B>(mut response: Response<B>, outcome: Coalesced) -> Response<B> {
+    response.extensions_mut().insert(outcome);
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,10 +458,4 @@ mod tests {
         longer.push(0);
         assert_eq!(wire::decode(&longer), None, "trailing bytes");
     }
-}
-
-/// Records what the layer did with the request in the response's extensions.
-fn with_outcome<B>(mut response: Response<B>, outcome: Coalesced) -> Response<B> {
-    response.extensions_mut().insert(outcome);
-    response
 }

@@ -1,15 +1,11 @@
-//! The coalescing layer of the refresh route, and its counters on `/metrics`.
+//! The coalescing layer of the refresh route.
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::ConstCounter, gauge::ConstGauge},
-};
+use opentelemetry::metrics::Meter;
 use tower_refresh_coalesce::{
-    BoxError, Handle, HttpExtract, HttpShare, JwtVerifier, Outcome, RefreshCoalesceLayer,
+    AuditEvent, BoxError, HttpExtract, HttpShare, JwtVerifier, RefreshCoalesceLayer,
 };
 
-use super::{Config, INVALID_GRANT_STATUS, TokenKeys, crypto};
+use super::{Config, INVALID_GRANT_STATUS, TokenKeys, audit::AuditLog, crypto};
 
 /// The layer in front of `POST /auth/refresh`.
 pub type Layer = RefreshCoalesceLayer<HttpExtract<JwtVerifier>, HttpShare>;
@@ -17,9 +13,15 @@ pub type Layer = RefreshCoalesceLayer<HttpExtract<JwtVerifier>, HttpShare>;
 /// Builds the layer: it verifies refresh tokens exactly as the handler does (HS256 under
 /// the server's key, `typ: refresh+jwt`), keys them with a fingerprint secret derived from
 /// the deployment secret (so instances sharing a secret agree on keys), answers
-/// `invalid_grant` with the handler's status, and with `--redis` coordinates with the
-/// other instances.
-pub fn layer(config: &Config, secret: &[u8], keys: &TokenKeys) -> Result<Layer, BoxError> {
+/// `invalid_grant` with the handler's status, reports its instruments through `meter` and
+/// its audit events to `audit`, and with `--redis` coordinates with the other instances.
+pub fn layer(
+    config: &Config,
+    secret: &[u8],
+    keys: &TokenKeys,
+    meter: Meter,
+    audit: AuditLog,
+) -> Result<Layer, BoxError> {
     let verifier = JwtVerifier::hs256(keys.signing_key())
         .typ(super::tokens::REFRESH_TOKEN_TYP)
         .build()?;
@@ -28,7 +30,9 @@ pub fn layer(config: &Config, secret: &[u8], keys: &TokenKeys) -> Result<Layer, 
     let mut builder = RefreshCoalesceLayer::http(extract)
         .ttl(config.ttl_duration())
         .wait_timeout(config.wait_timeout_duration())
-        .share(HttpShare::new().invalid_grant_status(INVALID_GRANT_STATUS));
+        .share(HttpShare::new().invalid_grant_status(INVALID_GRANT_STATUS))
+        .meter(meter)
+        .audit(move |event: &AuditEvent<'_>| audit.record(event));
     if let Some(store) = redis_store(config, secret)? {
         builder = builder.store(store).require_store(config.require_redis);
     }
@@ -83,82 +87,4 @@ fn redis_store(
         );
     }
     Ok(None)
-}
-
-/// Exposes the layer's [`Stats`](tower_refresh_coalesce::Stats) on each scrape.
-#[derive(Debug)]
-pub struct StatsCollector(pub Handle);
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EventLabel {
-    event: &'static str,
-}
-
-impl Collector for StatsCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = self.0.stats();
-        let counter = ConstCounter::new(0u64);
-        let mut family = encoder.encode_descriptor(
-            "refresh_coalesce_requests",
-            "Requests seen by the coalescing layer, by how they were served or refused",
-            None,
-            counter.metric_type(),
-        )?;
-        for outcome in Outcome::ALL {
-            let labels = OutcomeLabel {
-                outcome: outcome.as_str(),
-            };
-            ConstCounter::new(stats.outcome(outcome)).encode(family.encode_family(&labels)?)?;
-        }
-        let reuse = ConstCounter::new(stats.reuse_suspected);
-        reuse.encode(encoder.encode_descriptor(
-            "refresh_coalesce_reuse_suspected",
-            "Flights started for a second token of a subject that had a live entry",
-            None,
-            reuse.metric_type(),
-        )?)?;
-        let store = ConstCounter::new(0u64);
-        let mut store_family = encoder.encode_descriptor(
-            "refresh_coalesce_store",
-            "What flights did with the coordination store (with --redis)",
-            None,
-            store.metric_type(),
-        )?;
-        for (event, value) in [
-            ("won", stats.store_won),
-            ("lost", stats.store_lost),
-            ("replayed", stats.store_replayed),
-            ("errors", stats.store_errors),
-            ("breaker_opened", stats.breaker_opened),
-        ] {
-            let labels = EventLabel { event };
-            ConstCounter::new(value).encode(store_family.encode_family(&labels)?)?;
-        }
-        for (name, help, value) in [
-            (
-                "refresh_coalesce_in_flight",
-                "Inner refresh calls running now",
-                stats.in_flight,
-            ),
-            (
-                "refresh_coalesce_entries",
-                "Live flights and replays in the coalescing table",
-                stats.entries,
-            ),
-            (
-                "refresh_coalesce_breaker_open",
-                "1 while the coordination store is skipped after repeated failures",
-                stats.breaker_open,
-            ),
-        ] {
-            let gauge = ConstGauge::new(value as i64);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
-        }
-        Ok(())
-    }
 }

@@ -53,12 +53,14 @@ use axum::http::StatusCode;
 use axum::routing::{MethodRouter, get, post};
 use prometheus_client::registry::Registry;
 
+pub mod audit;
 pub mod coalesce;
 mod crypto;
 pub mod handlers;
 pub mod harness;
 pub mod metrics;
 pub mod store;
+pub mod telemetry;
 pub mod tokens;
 
 pub use metrics::Metrics;
@@ -175,6 +177,10 @@ pub struct Config {
     /// Refresh-token lifetime in seconds (default 14 days)
     #[arg(long, value_name = "SECS", default_value_t = 14 * 24 * 3600)]
     pub refresh_ttl: u64,
+
+    /// Append the coalescing layer's audit events (JSON lines) to this file [default: the log]
+    #[arg(long = "audit-log", value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -199,6 +205,7 @@ impl Default for Config {
             require_redis: false,
             access_ttl: 900,
             refresh_ttl: 14 * 24 * 3600,
+            audit_log: None,
         }
     }
 }
@@ -223,6 +230,7 @@ impl std::fmt::Debug for Config {
             .field("require_redis", &self.require_redis)
             .field("access_ttl", &self.access_ttl)
             .field("refresh_ttl", &self.refresh_ttl)
+            .field("audit_log", &self.audit_log)
             .finish()
     }
 }
@@ -623,10 +631,23 @@ pub fn app(config: Config) -> Result<App, AppError> {
         store.put_client(&client.id, &client.secret)?;
     }
     let keys = TokenKeys::from_secret(&secret, config.access_ttl, config.refresh_ttl);
+    let telemetry = telemetry::Telemetry::new();
     let coalesce = if config.no_coalesce {
         None
     } else {
-        Some(coalesce::layer(&config, &secret, &keys).map_err(AppError::Layer)?)
+        let audit = match &config.audit_log {
+            Some(path) => audit::AuditLog::file(path).map_err(|error| {
+                AppError::Config(format!(
+                    "cannot open the audit log {}: {error}",
+                    path.display()
+                ))
+            })?,
+            None => audit::AuditLog::log(),
+        };
+        Some(
+            coalesce::layer(&config, &secret, &keys, telemetry.meter(), audit)
+                .map_err(AppError::Layer)?,
+        )
     };
     tracing::info!(
         db = %config.db.as_deref().map_or("<memory>".into(), |p| p.display().to_string()),
@@ -648,7 +669,7 @@ pub fn app(config: Config) -> Result<App, AppError> {
     };
     if let Some(handle) = state.coalesce() {
         state.register_metrics(|registry| {
-            registry.register_collector(Box::new(coalesce::StatsCollector(handle.clone())));
+            registry.register_collector(Box::new(telemetry.collector()));
         });
         // A revoked family must never be replayed: drop the token's entry and every entry
         // of its subject.

@@ -64,7 +64,7 @@ async fn metrics_parse_as_prometheus_text_and_match_the_requests_made() {
     ] {
         assert_eq!(metrics.layer(outcome), 0, "{outcome}");
     }
-    assert_eq!(metrics.count("refresh_coalesce_in_flight"), 0);
+    assert_eq!(metrics.count("refresh_coalesce_flights_active"), 0);
     assert_eq!(
         metrics.count("refresh_coalesce_entries"),
         1,
