@@ -19,7 +19,7 @@ use opentelemetry_sdk::{
 };
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Unit,
 };
@@ -53,9 +53,10 @@ impl Telemetry {
         self.provider.meter("tower-refresh-coalesce")
     }
 
-    /// A collector for the app's registry.
+    /// A collector for the app's registry. It keeps the provider alive: the layer's
+    /// instruments report for as long as the registry holds it.
     pub fn collector(&self) -> OtelCollector {
-        OtelCollector(self.reader.clone())
+        OtelCollector(self.clone())
     }
 }
 
@@ -88,7 +89,7 @@ impl MetricReader for SharedReader {
 
 /// Writes the OpenTelemetry instruments into a scrape.
 #[derive(Debug)]
-pub struct OtelCollector(SharedReader);
+pub struct OtelCollector(Telemetry);
 
 type Labels = Vec<(String, String)>;
 
@@ -110,53 +111,78 @@ fn prometheus_name(metric: &Metric) -> (String, Option<Unit>) {
     }
 }
 
+/// Writes the points of one family: with their labels, or, for a single point without
+/// attributes, without a label set.
+fn write_points<P>(
+    mut family: MetricEncoder<'_>,
+    points: Vec<(Labels, P)>,
+    write: impl Fn(MetricEncoder<'_>, &P) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    if let [(labels, point)] = points.as_slice()
+        && labels.is_empty()
+    {
+        return write(family, point);
+    }
+    for (labels, point) in &points {
+        write(family.encode_family(labels)?, point)?;
+    }
+    Ok(())
+}
+
 fn encode(metric: &Metric, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     let (name, unit) = prometheus_name(metric);
     let help = metric.description();
+    let kind = match metric.data() {
+        AggregatedMetrics::U64(MetricData::Sum(sum)) if sum.is_monotonic() => MetricType::Counter,
+        AggregatedMetrics::U64(MetricData::Sum(_) | MetricData::Gauge(_)) => MetricType::Gauge,
+        AggregatedMetrics::F64(MetricData::Histogram(_)) => MetricType::Histogram,
+        // The layer reports nothing else.
+        _ => return Ok(()),
+    };
+    let family = encoder.encode_descriptor(&name, help, unit.as_ref(), kind)?;
     match metric.data() {
         AggregatedMetrics::U64(MetricData::Sum(sum)) => {
-            let kind = if sum.is_monotonic() {
-                MetricType::Counter
+            let points = sum
+                .data_points()
+                .map(|point| (labels(point.attributes()), point.value()))
+                .collect();
+            if sum.is_monotonic() {
+                write_points(family, points, |metric, value| {
+                    ConstCounter::new(*value).encode(metric)
+                })?;
             } else {
-                MetricType::Gauge
-            };
-            let mut family = encoder.encode_descriptor(&name, help, unit.as_ref(), kind)?;
-            for point in sum.data_points() {
-                let labels = labels(point.attributes());
-                let metric = family.encode_family(&labels)?;
-                if sum.is_monotonic() {
-                    ConstCounter::new(point.value()).encode(metric)?;
-                } else {
-                    ConstGauge::new(point.value() as i64).encode(metric)?;
-                }
+                write_points(family, points, |metric, value| {
+                    ConstGauge::new(*value as i64).encode(metric)
+                })?;
             }
         }
         AggregatedMetrics::U64(MetricData::Gauge(gauge)) => {
-            let mut family =
-                encoder.encode_descriptor(&name, help, unit.as_ref(), MetricType::Gauge)?;
-            for point in gauge.data_points() {
-                let labels = labels(point.attributes());
-                ConstGauge::new(point.value() as i64).encode(family.encode_family(&labels)?)?;
-            }
+            let points = gauge
+                .data_points()
+                .map(|point| (labels(point.attributes()), point.value()))
+                .collect();
+            write_points(family, points, |metric, value| {
+                ConstGauge::new(*value as i64).encode(metric)
+            })?;
         }
         AggregatedMetrics::F64(MetricData::Histogram(histogram)) => {
-            let mut family =
-                encoder.encode_descriptor(&name, help, unit.as_ref(), MetricType::Histogram)?;
-            for point in histogram.data_points() {
-                let labels = labels(point.attributes());
-                // OpenTelemetry counts per bucket, with one more bucket above the last
-                // bound; prometheus-client sums them up and writes that one as `+Inf`.
-                let bounds = point.bounds().chain(std::iter::once(f64::MAX));
-                let buckets: Vec<(f64, u64)> = bounds.zip(point.bucket_counts()).collect();
-                family.encode_family(&labels)?.encode_histogram::<Labels>(
-                    point.sum(),
-                    point.count(),
-                    &buckets,
-                    None,
-                )?;
-            }
+            let points = histogram
+                .data_points()
+                .map(|point| {
+                    // OpenTelemetry counts per bucket, with one more bucket above the last
+                    // bound; prometheus-client sums them up and writes that one as `+Inf`.
+                    let bounds = point.bounds().chain(std::iter::once(f64::MAX));
+                    let buckets: Vec<(f64, u64)> = bounds.zip(point.bucket_counts()).collect();
+                    (
+                        labels(point.attributes()),
+                        (point.sum(), point.count(), buckets),
+                    )
+                })
+                .collect();
+            write_points(family, points, |mut metric, (sum, count, buckets)| {
+                metric.encode_histogram::<Labels>(*sum, *count, buckets, None)
+            })?;
         }
-        // The layer reports nothing else.
         _ => {}
     }
     Ok(())
@@ -165,7 +191,7 @@ fn encode(metric: &Metric, encoder: &mut DescriptorEncoder) -> Result<(), std::f
 impl Collector for OtelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut collected = ResourceMetrics::default();
-        if let Err(error) = self.0.collect(&mut collected) {
+        if let Err(error) = self.0.reader.collect(&mut collected) {
             tracing::warn!(%error, "collecting the coalescing layer's instruments failed");
             return Ok(());
         }
@@ -175,5 +201,41 @@ impl Collector for OtelCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    use super::*;
+
+    #[test]
+    fn instruments_are_written_with_prometheus_names() {
+        let telemetry = Telemetry::new();
+        let meter = telemetry.meter();
+        let counter = meter.u64_counter("demo.requests").build();
+        counter.add(3, &[opentelemetry::KeyValue::new("outcome", "leader")]);
+        let histogram = meter
+            .f64_histogram("demo.wait.duration")
+            .with_unit("s")
+            .with_boundaries(vec![0.1, 1.0])
+            .build();
+        histogram.record(0.05, &[]);
+        histogram.record(0.5, &[]);
+        histogram.record(5.0, &[]);
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(telemetry.collector()));
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encode");
+        for line in [
+            "demo_requests_total{outcome=\"leader\"} 3",
+            "demo_wait_duration_seconds_count 3",
+            "demo_wait_duration_seconds_bucket{le=\"0.1\"} 1",
+            "demo_wait_duration_seconds_bucket{le=\"1.0\"} 2",
+            "demo_wait_duration_seconds_bucket{le=\"+Inf\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 }

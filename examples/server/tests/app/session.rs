@@ -343,3 +343,55 @@ async fn a_configured_secret_replaces_the_stored_one() {
         Err(app::AppError::Config(_))
     ));
 }
+
+// ---------------------------------------------------------------------------------------
+// The coalescing layer's audit log
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_audit_log_has_a_json_line_per_layer_decision_and_no_token() {
+    let dir = TempDir::new("audit").expect("temp dir");
+    let path = dir.path().join("audit.jsonl");
+    let App { router, .. } = start_app(Config {
+        audit_log: Some(path.clone()),
+        ..harness::config()
+    });
+    let tokens = login_demo(&router).await;
+    // Refused by the layer: no token at all.
+    let reply = call(&router, post("/auth/refresh").body(Body::empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    // A logout invalidates the token's entries and the subject's.
+    let reply = call(
+        &router,
+        json_request("/auth/logout", &json!({ "refresh_token": tokens.refresh })),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let text = std::fs::read_to_string(&path).expect("audit log written");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    let summary: Vec<(&str, Option<&str>)> = lines
+        .iter()
+        .map(|line| (line["audit"].as_str().unwrap(), line["subject"].as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("refused", None),
+            ("invalidated", None),
+            ("invalidated", Some("demo")),
+        ],
+        "{text}"
+    );
+    assert_eq!(lines[0]["outcome"], "rejected");
+    assert_eq!(lines[0]["reason"], "missing_token");
+    assert_eq!(lines[1]["scope"], "token");
+    assert_eq!(lines[2]["scope"], "subject");
+    assert!(lines.iter().all(|line| line["ts_ms"].as_u64().is_some()));
+    for part in tokens.refresh.split('.') {
+        assert!(!text.contains(part), "the audit log holds a token part");
+    }
+}
