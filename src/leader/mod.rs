@@ -161,9 +161,12 @@ where
 /// A flight's value as the table keeps it, with the span of its replay window.
 pub(crate) struct Flown<V> {
     pub(crate) value: V,
-    /// A child of the flight's span that lives as long as the value is replayed, so that
-    /// replayed requests link into the trace of the flight. Only when a subscriber records
-    /// the flight's span; boxed, so that it costs one word otherwise.
+    /// A span that lives as long as the value is replayed, linked to the flight's span, so
+    /// that replayed requests link into the storm. A root of its own rather than a child of
+    /// the flight: a subscriber keeps a span open while it has children, and the flight's
+    /// span (and the leader's request span above it) must close when the flight does. Only
+    /// when a subscriber records the flight's span; boxed, so that it costs one word
+    /// otherwise.
     replay: Option<Box<tracing::Span>>,
 }
 
@@ -172,11 +175,9 @@ impl<V> Flown<V> {
     fn new(value: V, flight: u64, replayed: bool) -> Self {
         let current = tracing::Span::current();
         let replay = (replayed && !current.is_disabled()).then(|| {
-            Box::new(tracing::info_span!(
-                parent: &current,
-                "refresh_coalesce_replay",
-                flight
-            ))
+            let replay = tracing::info_span!(parent: None, "refresh_coalesce_replay", flight);
+            replay.follows_from(&current);
+            Box::new(replay)
         });
         Self { value, replay }
     }

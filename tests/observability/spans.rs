@@ -1,6 +1,6 @@
 //! Tracing: the flight's span is a child of the leader's request span, callers who join
-//! link to it, and replayed callers link to its replay window, a child of the flight span:
-//! one trace shows the whole storm.
+//! link to it, and replayed callers link to its replay window, a span linked to the flight:
+//! the links tie the whole storm together, and every span closes when its work is done.
 
 use std::collections::HashMap;
 
@@ -23,6 +23,7 @@ struct Seen {
     parents: HashMap<u64, u64>,
     /// (span, the span it follows from), by name.
     links: Vec<(String, String)>,
+    closed: Vec<String>,
 }
 
 impl<S> Layer<S> for Recorded
@@ -55,6 +56,12 @@ where
         }
     }
 
+    fn on_close(&self, id: Id, _ctx: Context<'_, S>) {
+        let mut seen = self.0.lock().unwrap();
+        let name = seen.names.get(&id.into_u64()).cloned().unwrap_or_default();
+        seen.closed.push(name);
+    }
+
     fn on_follows_from(&self, span: &Id, follows: &Id, _ctx: Context<'_, S>) {
         let mut seen = self.0.lock().unwrap();
         let name = |id: &Id| seen.names.get(&id.into_u64()).cloned().unwrap_or_default();
@@ -69,6 +76,10 @@ impl Recorded {
         let (id, _) = seen.names.iter().find(|(_, n)| *n == name)?;
         let parent = seen.parents.get(id)?;
         seen.names.get(parent).cloned()
+    }
+
+    fn closed(&self, name: &str) -> bool {
+        self.0.lock().unwrap().closed.iter().any(|n| n == name)
     }
 
     fn links(&self) -> Vec<(String, String)> {
@@ -112,15 +123,23 @@ async fn joined_and_replayed_callers_link_to_the_flight_of_the_leader() {
         "the flight runs under the leader's request"
     );
     assert_eq!(
-        recorded.parent_of("refresh_coalesce_replay").as_deref(),
-        Some("refresh_coalesce_flight"),
-        "the replay window belongs to the flight"
+        recorded.parent_of("refresh_coalesce_replay"),
+        None,
+        "the replay window is no child: it would hold the flight's span open for the TTL"
     );
     assert_eq!(
         recorded.links(),
         [
             ("request 2".to_owned(), "refresh_coalesce_flight".to_owned()),
+            (
+                "refresh_coalesce_replay".to_owned(),
+                "refresh_coalesce_flight".to_owned()
+            ),
             ("request 3".to_owned(), "refresh_coalesce_replay".to_owned()),
         ]
     );
+    // The leader's request and the flight closed with the flight, while the replay
+    // window, still open, lasts its TTL.
+    assert!(recorded.closed("request 1") && recorded.closed("refresh_coalesce_flight"));
+    assert!(!recorded.closed("refresh_coalesce_replay"));
 }

@@ -116,6 +116,23 @@ pub(crate) enum Mode {
     /// The storm from both ends: N concurrent GET /api/me with an expired access token, from
     /// a client without and with the client layer, against a server without and with its layer
     Clients(ClientsArgs),
+    /// One storm in process, traced: a waterfall SVG of its spans and their links
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct TraceArgs {
+    /// Callers who join the leader's flight while its refresh runs
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = positive)]
+    pub(crate) joined: usize,
+
+    /// Late retries, answered from the replay
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = positive)]
+    pub(crate) replayed: usize,
+
+    /// Write the waterfall to PATH
+    #[arg(long, value_name = "PATH")]
+    pub(crate) svg: PathBuf,
 }
 
 #[derive(Debug, Clone, clap::Args)]

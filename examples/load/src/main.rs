@@ -7,6 +7,7 @@
 //! cargo run --release -p load --features redis -- multi --instances 3 --redis redis://127.0.0.1:6390/
 //! cargo run --release -p load -- storm --target http://127.0.0.1:3000
 //! cargo run --release -p load -- clients --requests 1000 --refresh-delay-ms 50 --runs 3 --svg docs/storm.svg
+//! cargo run --release -p load -- trace --joined 8 --replayed 3 --refresh-delay-ms 50 --svg docs/trace.svg
 //! ```
 //!
 //! Modes:
@@ -29,6 +30,9 @@
 //! - `clients`: the demo's storm from both ends (`api-client`): `GET /api/me` with an
 //!   expired access token from a client without and with the client layer, against a server
 //!   without and with its layer; `--svg` draws the four runs.
+//! - `trace`: one storm in process under a recording tracing subscriber, drawn as a
+//!   waterfall: the leader's request, the flight (its child), the callers who joined (linked
+//!   to the flight), the replay window and the late retries (linked to it).
 //!
 //! Every run reports throughput, p50/p90/p99/max latency (hdrhistogram), answers by status,
 //! and the servers' `refresh_rotations_total`, `refresh_reuse_detected_total` and layer
@@ -44,7 +48,7 @@
 //! Modules: `cli` (the command line), `cluster` (the servers driven), `requests` and `fire`
 //! (sending requests, recording answers), `counters` (`/metrics` and Redis before and
 //! after), `stats` (figures and their summary over runs), one module per mode (`storm`
-//! with `multi`, `steady`, `replay`), and `chart` (the SVG).
+//! with `multi`, `steady`, `replay`, `clients`, `trace`), and `chart` (the SVG).
 
 mod chart;
 mod cli;
@@ -57,6 +61,7 @@ mod requests;
 mod stats;
 mod steady;
 mod storm;
+mod trace;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -77,6 +82,9 @@ async fn run(cli: &Cli) -> Result<(), Error> {
     if cfg!(not(feature = "redis")) && target.uses_redis() {
         return Err(counters::NO_REDIS_FEATURE.into());
     }
+    if let Mode::Trace(args) = &cli.mode {
+        return trace::trace_mode(args, target.refresh_delay_ms).await;
+    }
     let summary = match &cli.mode {
         Mode::Storm(args) => {
             let compare = args.compare || args.svg.is_some();
@@ -88,6 +96,7 @@ async fn run(cli: &Cli) -> Result<(), Error> {
         Mode::Steady(args) => steady::steady_mode(target, runs, args).await?,
         Mode::Replay(args) => replay::replay_mode(target, runs, args).await?,
         Mode::Clients(args) => clients::clients_mode(target, runs, args).await?,
+        Mode::Trace(_) => unreachable!("answered above"),
     };
     println!();
     print!("{summary}");
