@@ -167,7 +167,6 @@ where
                     if let Poll::Ready(result) = waiter.future.poll_unpin(cx) {
                         let served = *served;
                         flights
-                            .counters
                             .durations
                             .wait(deadline.deadline(), flights.wait_timeout);
                         this.state.set(State::Done);

@@ -258,9 +258,48 @@
 //! | `http` | yes | the HTTP front: token sources, response buffering, JSON and gRPC refusals |
 //! | `jwt` | yes | JWT verification of refresh tokens with `jsonwebtoken` (pure-Rust crypto) |
 //! | `redis` | no | [`store::RedisStore`]: coordination across instances |
-//! | `metrics` | no | the `metrics` facade: `refresh_coalesce_requests_total{outcome}`, `refresh_coalesce_reuse_suspected_total`, `refresh_coalesce_store_total{event}`, histogram `refresh_coalesce_wait_seconds` (and `refresh_client_*` with `client`) |
+//! | `metrics` | no | the instruments of [Observability](#observability) through the `metrics` facade (and `refresh_client_*` with `client`) |
+//! | `opentelemetry` | no | the same instruments through an OpenTelemetry meter ([`Builder::meter`]) |
 //! | `client` | no | [`client`]: the other end of the storm, a layer over outgoing requests that refreshes once per credentials and generation and retries; with `redis`, a credential shared by processes |
 //! | `oauth2` | no | [`client::oauth2::OAuth2Refresh`]: RFC 6749 §6 refresh on the `oauth2` crate, over any tower HTTP service |
+//!
+//! # Observability
+//!
+//! - **The outcome of every response.** The HTTP front puts a [`Coalesced`] in the
+//!   extensions of each response it answers: [`Outcome`] (leader, joined, replayed,
+//!   rejected, timed out, overloaded, leader failed, bypassed) and, for refusals and
+//!   failures, the reason (`missing_token`, `waiters`, `panicked`, ...). An outer
+//!   `TraceLayer`, metrics layer or handler labels with it, so the layer records nothing that
+//!   an HTTP metrics layer records already.
+//! - **Instruments.** With `metrics` or `opentelemetry`, under OpenTelemetry's naming
+//!   conventions in both (a Prometheus exporter writes `refresh_coalesce_requests_total`,
+//!   `refresh_coalesce_wait_duration_seconds`, ...). Counters and gauges read the atomics of
+//!   [`Handle::stats`], so the two always agree:
+//!
+//!   | name | kind | attributes |
+//!   |---|---|---|
+//!   | `refresh_coalesce.requests` | counter | `outcome` |
+//!   | `refresh_coalesce.reuse_suspected` | counter | |
+//!   | `refresh_coalesce.store.events` | counter | `event`: `won`, `lost`, `replayed`, `error`, `breaker_opened`, `unreplicated` |
+//!   | `refresh_coalesce.wait.duration` | histogram, s | |
+//!   | `refresh_coalesce.inner.duration` | histogram, s | |
+//!   | `refresh_coalesce.store.duration` | histogram, s | `command`: `load`, `elect`, `replicate`, `complete`, `group_generation`, `remember`, `invalidate`, `invalidate_group` |
+//!   | `refresh_coalesce.flights.active` | gauge | |
+//!   | `refresh_coalesce.entries` | gauge | |
+//!   | `refresh_coalesce.breaker.open` | gauge | |
+//!
+//!   OpenTelemetry observes the counters and gauges at each collection (nothing on the
+//!   request path); the `metrics` facade counts as events happen and sets the gauges as each
+//!   flight starts and ends.
+//! - **Tracing.** Each flight runs in a span `refresh_coalesce_flight` (field `flight`), a
+//!   child of the leader's request span. A caller who joins the flight links to it
+//!   (`follows_from`, a span link in OpenTelemetry); a replayed caller links to the span
+//!   `refresh_coalesce_replay`, which lasts the replay window and links to the flight. One
+//!   storm is then one linked trace; without a subscriber nothing is created.
+//! - **Audit events.** [`Builder::audit`] hands every [`AuditEvent`] to a hook: suspected
+//!   reuse, invalidations, refusals with their reason, the per-subject cap reached, the
+//!   store's breaker opening and closing; with the subject where it was verified, never a
+//!   token.
 //!
 //! # Backpressure
 //!
@@ -331,6 +370,7 @@ pub mod token;
 
 mod audit;
 mod core;
+mod durations;
 mod flight;
 mod handle;
 mod key;

@@ -132,7 +132,6 @@ pub(crate) struct Counters {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     reuse_suspected: AtomicU64,
     pub(crate) store: StoreCounters,
-    pub(crate) durations: Durations,
 }
 
 /// What happened between the flights and the store.
@@ -157,13 +156,6 @@ impl StoreCounters {
 }
 
 impl Counters {
-    pub(crate) fn new(durations: Durations) -> Self {
-        Self {
-            durations,
-            ..Self::default()
-        }
-    }
-
     pub(crate) fn record(&self, outcome: Outcome) {
         self.outcomes[outcome as usize].fetch_add(1, Release);
         #[cfg(feature = "metrics")]
@@ -234,77 +226,6 @@ impl ReplayCount {
 
     pub(crate) fn get(&self) -> u64 {
         self.0.load(Relaxed)
-    }
-}
-
-/// The durations the layer measures, recorded to whichever backends are enabled; cheap to
-/// clone, and free without the `metrics` and `opentelemetry` features.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Durations {
-    #[cfg(feature = "opentelemetry")]
-    otel: Option<crate::otel::Histograms>,
-}
-
-impl Durations {
-    #[cfg(feature = "opentelemetry")]
-    pub(crate) fn with_otel(otel: crate::otel::Histograms) -> Self {
-        Self { otel: Some(otel) }
-    }
-
-    /// Whether any backend records durations: the clock is read only then.
-    pub(crate) fn enabled(&self) -> bool {
-        #[cfg(feature = "opentelemetry")]
-        if self.otel.is_some() {
-            return true;
-        }
-        cfg!(feature = "metrics")
-    }
-
-    /// How long a caller waited for its flight, from the deadline its wait had.
-    pub(crate) fn wait(&self, deadline: tokio::time::Instant, wait_timeout: std::time::Duration) {
-        if !self.enabled() {
-            return;
-        }
-        let waited = (deadline - wait_timeout).elapsed().as_secs_f64();
-        #[cfg(feature = "metrics")]
-        metrics::histogram!(names::WAIT).record(waited);
-        #[cfg(feature = "opentelemetry")]
-        if let Some(otel) = &self.otel {
-            otel.wait.record(waited, &[]);
-        }
-        let _ = waited;
-    }
-
-    /// The start of a measurement, when any backend records durations.
-    pub(crate) fn start(&self) -> Option<tokio::time::Instant> {
-        self.enabled().then(tokio::time::Instant::now)
-    }
-
-    /// How long the inner call took, from `started`.
-    pub(crate) fn inner(&self, started: Option<tokio::time::Instant>) {
-        let Some(started) = started else { return };
-        let took = started.elapsed().as_secs_f64();
-        #[cfg(feature = "metrics")]
-        metrics::histogram!(names::INNER).record(took);
-        #[cfg(feature = "opentelemetry")]
-        if let Some(otel) = &self.otel {
-            otel.inner.record(took, &[]);
-        }
-        let _ = took;
-    }
-
-    /// How long the store command `command` took, from `started`.
-    pub(crate) fn store(&self, command: &'static str, started: Option<tokio::time::Instant>) {
-        let Some(started) = started else { return };
-        let took = started.elapsed().as_secs_f64();
-        #[cfg(feature = "metrics")]
-        metrics::histogram!(names::STORE, "command" => command).record(took);
-        #[cfg(feature = "opentelemetry")]
-        if let Some(otel) = &self.otel {
-            otel.store
-                .record(took, &[opentelemetry::KeyValue::new("command", command)]);
-        }
-        let _ = (took, command);
     }
 }
 

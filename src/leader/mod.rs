@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::{
     audit::Audit,
+    durations::Durations,
     error::{Failure, LeaderFailed},
     flight::{FlightGuard, FlightResult, Launched, Table, Value},
     key::{Admission, Fingerprint},
@@ -47,6 +48,8 @@ pub(crate) struct Flights<P> {
     pub(crate) hard_cap: Duration,
     /// The audit hook, if any.
     pub(crate) audit: Audit,
+    /// Where the wait and the inner call are timed.
+    pub(crate) durations: Durations,
 }
 
 pub(crate) use self::{
@@ -345,7 +348,7 @@ where
     S: Service<R>,
     P: Share<S::Response, S::Error>,
 {
-    let durations = &flights.counters.durations;
+    let durations = &flights.durations;
     let started = durations.start();
     let result = inner.call(request).await;
     let value = flights.share.share(result).await;

@@ -8,8 +8,9 @@ use tokio::time::Instant;
 use super::Breaker;
 use crate::{
     audit::{Audit, AuditEvent},
+    durations::Durations,
     key::Fingerprint,
-    metrics::{Durations, StoreCounters},
+    metrics::StoreCounters,
     store::{
         Completed, Election, Fence, Generations, Invalidation, Keep, Store, StoreError,
         StoreErrorKind, Stored, Waited,
