@@ -104,7 +104,7 @@ impl Authorizer {
                 generation: self.core.credentials.generation(),
                 header,
             })),
-            Err(super::refresh::Failure::NoCredentials(_)) => Ok(None),
+            Err(super::attempt::Failure::NoCredentials(_)) => Ok(None),
             Err(failure) => Err(failure.into()),
         }
     }

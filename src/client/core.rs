@@ -2,7 +2,7 @@
 
 use std::{fmt, time::Duration};
 
-use super::{credentials::Credentials, refresh::Refresher};
+use super::{credentials::Credentials, refresher::Refresher};
 
 /// The credentials, the refresh service and the settings of one layer, in an `Arc` that
 /// every service, clone and flight task holds.

@@ -36,11 +36,12 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::{
+    attempt::Failure,
     body::{self, ClientBody},
     core::Core,
-    credentials::{Session, Tokens},
     metrics::Trigger,
-    refresh::{self, Failure},
+    refresh,
+    session::{Session, Tokens},
 };
 use crate::error::BoxError;
 

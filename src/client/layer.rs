@@ -12,9 +12,10 @@ use tower_service::Service;
 use super::{
     authorizer::Authorizer,
     core::Core,
-    credentials::{Credentials, Tokens},
-    refresh::{RefreshRequest, RefreshWith, Refresher},
+    credentials::Credentials,
+    refresher::{RefreshRequest, RefreshWith, Refresher},
     service::BearerAuth,
+    session::Tokens,
 };
 use crate::error::BoxError;
 

@@ -163,6 +163,7 @@
 //! failures are logged at `warn`. No token is ever logged: `Debug` of [`Tokens`] redacts
 //! them and the `Authorization` value is marked sensitive.
 
+mod attempt;
 mod authorizer;
 pub mod body;
 mod core;
@@ -175,18 +176,21 @@ mod metrics;
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;
 mod refresh;
+mod refresher;
 mod remote;
 mod service;
+mod session;
 pub mod store;
 
 pub use self::{
     authorizer::{Authorization, Authorizer},
     body::ClientBody,
-    credentials::{Credentials, Session, Snapshot, Tokens},
+    credentials::Credentials,
     layer::{BearerAuthLayer, Builder},
     metrics::ClientStats,
-    refresh::{RefreshFn, RefreshRequest, refresh_fn},
+    refresher::{RefreshFn, RefreshRequest, refresh_fn},
     service::BearerAuth,
+    session::{Session, Snapshot, Tokens},
     store::{CredentialStore, MemoryCredentialStore},
 };
 

@@ -35,9 +35,9 @@ use oauth2::{
 use tower_service::Service;
 
 use super::{
-    credentials::Tokens,
     error::{RefreshError, RefreshErrorKind},
-    refresh::{RefreshFuture, RefreshRequest},
+    refresher::{RefreshFuture, RefreshRequest},
+    session::Tokens,
 };
 use crate::error::{BoxError, BuildError};
 

@@ -19,11 +19,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
+    attempt::{self, Failure, Outcome},
     core::Core,
-    credentials::{Session, Snapshot, Tokens},
     error::{NoCredentials, Reason, RefreshError},
     metrics::Trigger,
-    refresh::{self, Failure, Outcome},
+    session::{Session, Snapshot, Tokens},
     store::{CredentialStore, Swapped},
 };
 use crate::{error::BoxError, store::Fence};
@@ -155,11 +155,11 @@ async fn lead(
     };
     // The next generation is past both the store's and this process's.
     let next = read.max(generation) + 1;
-    let session = match refresh::call(core, generation, &tokens, trigger).await {
+    let session = match attempt::call(core, generation, &tokens, trigger).await {
         Ok(new) => Session::Active(new.keeping_refresh_token(&tokens)),
         Err(error) => {
             let mut ended = None;
-            let failure = refresh::failed(core, generation, error, |session| {
+            let failure = attempt::failed(core, generation, error, |session| {
                 ended = Some(session);
             });
             if let Some(session) = ended {
@@ -210,7 +210,7 @@ async fn save(
 
 /// A failure to reach the store: transient, with a back-off.
 fn unreachable_store(core: &Core, generation: u64, error: BoxError) -> Failure {
-    refresh::failed(
+    attempt::failed(
         core,
         generation,
         RefreshError::transient(error).into(),

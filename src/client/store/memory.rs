@@ -10,7 +10,7 @@ use tokio::{sync::Notify, time::Instant};
 
 use super::{CredentialStore, Swapped};
 use crate::{
-    client::credentials::Snapshot,
+    client::session::Snapshot,
     store::{Fence, StoreFuture},
 };
 

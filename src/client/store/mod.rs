@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::credentials::Snapshot;
+use super::session::Snapshot;
 use crate::store::{Fence, StoreFuture};
 
 mod memory;

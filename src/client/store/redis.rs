@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use super::{CredentialStore, Swapped};
 use crate::{
     client::{
-        credentials::{Session, Snapshot, Tokens},
         error::Reason,
+        session::{Session, Snapshot, Tokens},
     },
     key::Fingerprint,
     store::{Election, Fence, RedisStore, Store, StoreError, StoreFuture},
