@@ -343,7 +343,10 @@ mod sync;
 pub use crate::{
     error::BoxError,
     handle::Handle,
-    key::{Admission, Extract, Extracted, Fingerprint, Fingerprinter, MIN_SECRET_LEN},
+    key::{
+        Admission, Extract, Extracted, Fingerprint, Fingerprinter, MIN_SECRET_LEN, NaturalKey,
+        OwnedKey,
+    },
     layer::{Builder, RefreshCoalesceLayer},
     metrics::{Outcome, Stats},
     service::RefreshCoalesce,
