@@ -30,22 +30,22 @@ pub(super) fn name(group: &Fingerprint) -> Name {
     name
 }
 
-/// 48 bytes, allocated only for entries that have one of these parts.
+/// 40 bytes, allocated only for entries that have one of these parts.
 pub(super) struct Cold {
     pub(super) group: Option<Name>,
     /// A second name of the entry that `invalidate_group` matches (the HTTP front's token
     /// tag, shared by every party presenting one token); not counted.
     pub(super) tag: Option<Name>,
     /// Whole seconds since the Unix epoch, rounded down (refusing up to a second early,
-    /// never late); 0 for none.
-    pub(super) not_after: u64,
+    /// never late), at most `u32::MAX` (in 2106); 0 for none.
+    pub(super) not_after: u32,
 }
 
 impl Cold {
     pub(super) fn new(admission: &Admission) -> Option<Box<Self>> {
         let not_after = admission.expires().map_or(0, |at| {
             let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-            since.as_secs().max(1)
+            u32::try_from(since.as_secs()).unwrap_or(u32::MAX).max(1)
         });
         let group = admission.group_key().map(name);
         let tag = admission.tag_key().map(name);
@@ -69,7 +69,7 @@ impl Entry {
 
     pub(super) fn not_after(&self) -> Option<SystemTime> {
         let secs = self.cold.as_ref().map_or(0, |cold| cold.not_after);
-        (secs != 0).then(|| UNIX_EPOCH + Duration::from_secs(secs))
+        (secs != 0).then(|| UNIX_EPOCH + Duration::from_secs(u64::from(secs)))
     }
 }
 
