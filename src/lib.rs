@@ -67,7 +67,8 @@
 //! # Building blocks
 //!
 //! - [`Extract`]: how a request becomes a [`Fingerprint`] key, and how a request that has to
-//!   lead is verified. Any `Fn(&Req) -> Option<K>` is one; [`HttpExtract`] is the HTTP front.
+//!   lead is verified. Any `Fn(&Req) -> Option<K>` is one; [`NaturalKey`] keys requests by
+//!   bytes they carry (a user id) without allocating; [`HttpExtract`] is the HTTP front.
 //! - [`Share`]: how one result is stored, replayed and answered. [`CloneResponse`] (the
 //!   default) clones `Clone` responses and replays every `Ok`; [`HttpShare`] buffers whole
 //!   HTTP responses.

@@ -146,11 +146,11 @@ impl<F> NaturalKey<F> {
     pub fn fingerprint(&self, natural: impl AsRef<[u8]>) -> Fingerprint {
         let natural = natural.as_ref();
         let mut hasher = self.hasher;
-        // The length first: the input is framed, whatever bytes follow.
+        // The length first: the input is framed, whatever bytes follow. It fills one block
+        // exactly, so `hash` goes on over the bytes in place (its one-pass path).
         hasher.write(&(natural.len() as u64).to_le_bytes());
-        hasher.write(natural);
         let mut bytes = [0u8; 32];
-        bytes[..16].copy_from_slice(&hasher.finish128().as_bytes());
+        bytes[..16].copy_from_slice(&hasher.hash(natural).as_bytes());
         bytes[16..].copy_from_slice(&FILLER);
         Fingerprint::from_bytes(bytes)
     }
