@@ -7,7 +7,7 @@ use std::{
     hash::Hasher as _,
 };
 
-use siphasher::sip128::{Hasher128 as _, SipHasher24};
+use siphasher::sip128::SipHasher24;
 
 use super::{Admission, Extract, Extracted, Fingerprint, Fingerprinter, check_secret};
 use crate::error::{BoxError, BuildError};
