@@ -15,7 +15,11 @@
 //! hashing a token. Groups:
 //!
 //! 1. `hot_hit`: one task, a key already replayed or cached, ns per call (a spawned task on
-//!    a current-thread runtime).
+//!    a current-thread runtime). Three more contenders of ours key by a 32-byte user id the
+//!    request carries instead of the digest, hashing it on every call:
+//!    `ours_natural_str` (`NaturalKey` over a borrowed `&str`), `ours_natural_string`
+//!    (`NaturalKey::owned` over a `String` built per call) and `ours_closure_string` (a plain
+//!    closure returning a `String`: `Fingerprint::from`, SHA-256).
 //! 2. `hot_hit_contended`: 64 tasks on a 2-worker runtime calling one hot key; calls per
 //!    second.
 //! 3. `storm_one_key`: 10,000 concurrent callers of one key, the inner call takes 5 ms;
@@ -49,7 +53,9 @@ use tokio::{
     time::Sleep,
 };
 use tower::{Layer, Service, ServiceExt};
-use tower_refresh_coalesce::{Fingerprint, RefreshCoalesce, RefreshCoalesceLayer};
+use tower_refresh_coalesce::{
+    Extract, Fingerprint, NaturalKey, OwnedKey, RefreshCoalesce, RefreshCoalesceLayer,
+};
 use tower_resilience_coalesce::{CoalesceLayer, CoalesceService};
 
 /// The shared token pair every contender hands out.
@@ -66,10 +72,22 @@ const TASKS: u64 = 64;
 /// Calls on one fresh table in the miss group.
 const MISS_BATCH: usize = 100_000;
 
-/// A request: the precomputed digest of its refresh token.
+/// A request: the precomputed digest of its refresh token, and the user it is for.
 #[derive(Clone, Copy, Debug)]
 struct Req {
     key: [u8; 32],
+    /// A natural key of 32 bytes, as long as the digest (the `hot_hit` group's natural-key
+    /// contenders key by it).
+    user: &'static str,
+}
+
+/// The user of every request.
+const USER: &str = "user-7f3a9c21d4e8b6a05f1c2e9d7b4";
+
+impl Req {
+    fn new(key: [u8; 32]) -> Self {
+        Self { key, user: USER }
+    }
 }
 
 fn digest(i: u64) -> [u8; 32] {
@@ -187,21 +205,74 @@ trait Contender: Clone + Send + 'static {
     }
 }
 
-type KeyFn = fn(&Req) -> Option<Fingerprint>;
+/// How our layer keys a request: one contender per way.
+trait OurKey: Extract<Req, Request = Req> + Clone + Send + Sync + 'static {
+    const NAME: &'static str;
 
-fn our_key(req: &Req) -> Option<Fingerprint> {
-    Some(Fingerprint::from_bytes(req.key))
+    fn make() -> Self;
 }
 
-/// Our layer, called through `tower::Service` like any middleware.
-#[derive(Clone)]
-struct Ours(RefreshCoalesce<Refresh, KeyFn>);
+/// The deployment secret of the natural-key contenders.
+const SECRET: &[u8] = b"bench deployment secret, 32 byte";
 
-impl Contender for Ours {
+/// The precomputed digest (the `ours` of every group).
+type DigestKey = fn(&Req) -> Option<Fingerprint>;
+
+impl OurKey for DigestKey {
     const NAME: &'static str = "ours";
 
+    fn make() -> Self {
+        |req| Some(Fingerprint::from_bytes(req.key))
+    }
+}
+
+/// `NaturalKey` over a `&str` borrowed from the request.
+type NaturalStr = NaturalKey<fn(&Req) -> Option<&str>>;
+
+impl OurKey for NaturalStr {
+    const NAME: &'static str = "ours_natural_str";
+
+    fn make() -> Self {
+        NaturalKey::new(SECRET, (|req| Some(req.user)) as fn(&Req) -> Option<&str>)
+            .expect("a 32-byte secret")
+    }
+}
+
+/// `NaturalKey` over a `String` the closure builds.
+type NaturalString = NaturalKey<OwnedKey<fn(&Req) -> Option<String>>>;
+
+impl OurKey for NaturalString {
+    const NAME: &'static str = "ours_natural_string";
+
+    fn make() -> Self {
+        NaturalKey::owned(
+            SECRET,
+            (|req| Some(req.user.to_owned())) as fn(&Req) -> Option<String>,
+        )
+        .expect("a 32-byte secret")
+    }
+}
+
+/// A plain closure returning a `String`: `Fingerprint::from(String)`, SHA-256.
+type ClosureString = fn(&Req) -> Option<String>;
+
+impl OurKey for ClosureString {
+    const NAME: &'static str = "ours_closure_string";
+
+    fn make() -> Self {
+        |req| Some(req.user.to_owned())
+    }
+}
+
+/// Our layer, called through `tower::Service` like any middleware; keyed by `K`.
+#[derive(Clone)]
+struct Ours<K = DigestKey>(RefreshCoalesce<Refresh, K>);
+
+impl<K: OurKey> Contender for Ours<K> {
+    const NAME: &'static str = K::NAME;
+
     fn build(inner: Refresh) -> Self {
-        let layer = RefreshCoalesceLayer::builder(our_key as KeyFn)
+        let layer = RefreshCoalesceLayer::builder(K::make())
             .ttl(TTL)
             .max_entries(CAPACITY)
             .build();
@@ -356,7 +427,7 @@ fn in_task(
 fn primed<C: Contender>(rt: &Runtime, key: [u8; 32]) -> C {
     let mut contender = C::build(Refresh::instant());
     rt.block_on(async {
-        contender.call(Req { key }).await;
+        contender.call(Req::new(key)).await;
         contender.settle().await;
     });
     contender
@@ -367,7 +438,7 @@ fn primed<C: Contender>(rt: &Runtime, key: [u8; 32]) -> C {
 // ---------------------------------------------------------------------------------------
 
 fn hot_hit_one<C: Contender>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
-    let req = Req { key: digest(0) };
+    let req = Req::new(digest(0));
     let contender = primed::<C>(rt, req.key);
     group.bench_function(C::NAME, |b| {
         b.to_async(rt).iter_custom(|iters| {
@@ -388,6 +459,11 @@ fn hot_hit(c: &mut Criterion) {
     let mut group = c.benchmark_group("hot_hit");
     group.throughput(Throughput::Elements(1));
     each_contender!(hot_hit_one(&mut group, &rt));
+    // Keys the request carries, next to the precomputed digest of `ours`.
+    assert_eq!(USER.len(), 32);
+    hot_hit_one::<Ours<NaturalStr>>(&mut group, &rt);
+    hot_hit_one::<Ours<NaturalString>>(&mut group, &rt);
+    hot_hit_one::<Ours<ClosureString>>(&mut group, &rt);
     group.finish();
 }
 
@@ -396,7 +472,7 @@ fn hot_hit(c: &mut Criterion) {
 // ---------------------------------------------------------------------------------------
 
 fn contended_one<C: Contender>(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
-    let req = Req { key: digest(0) };
+    let req = Req::new(digest(0));
     let contender = primed::<C>(rt, req.key);
     group.bench_function(C::NAME, |b| {
         b.to_async(rt).iter_custom(|iters| {
@@ -450,7 +526,7 @@ async fn storm_once<C: Contender>(keys: Arc<[[u8; 32]]>, callers: usize) -> (Dur
         for &key in keys.iter() {
             let mut contender = contender.clone();
             tasks.push(tokio::spawn(
-                async move { contender.call(Req { key }).await },
+                async move { contender.call(Req::new(key)).await },
             ));
         }
     }
@@ -553,7 +629,7 @@ fn miss_one<C: Contender>(
                     let mut contender = C::build(Refresh::instant());
                     let start = Instant::now();
                     for &key in &keys[..batch] {
-                        black_box(contender.call(Req { key }).await);
+                        black_box(contender.call(Req::new(key)).await);
                     }
                     total += start.elapsed();
                     // The full table is dropped outside the timed region.

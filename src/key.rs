@@ -4,7 +4,8 @@
 //! The HTTP front derives it with a keyed hash ([`Fingerprinter`]) from the exact token bytes
 //! and the client binding, so raw tokens are never stored, logged or used as keys. For other
 //! request types, any [`Extract`] strategy works; a closure `Fn(&Req) -> Option<K>` with
-//! `K: Into<Fingerprint>` is one.
+//! `K: Into<Fingerprint>` is one, and [`NaturalKey`] keys requests by bytes they carry (a user
+//! or session id) with a keyed SipHash.
 
 use std::{
     fmt,
@@ -18,6 +19,10 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::error::{BoxError, BuildError};
+
+mod natural;
+
+pub use self::natural::{NaturalKey, OwnedKey};
 
 /// A 32-byte digest that names one entry of the table.
 ///
@@ -383,7 +388,9 @@ pub enum Extracted<T, R> {
 /// order lets requests that carry bytes already verified skip a second verification.
 ///
 /// Any `Fn(&Req) -> Option<K>` with `K: Into<Fingerprint>` is an `Extract`: `None` bypasses
-/// the table and every request is admitted.
+/// the table and every request is admitted. To key requests by bytes they carry (a user or
+/// session id), prefer [`NaturalKey`]: it borrows the bytes and hashes them with a keyed
+/// SipHash, where a closure returning a `String` allocates it and hashes it with SHA-256.
 ///
 /// ```
 /// use tower_refresh_coalesce::{Extract, Fingerprint};
@@ -417,6 +424,13 @@ pub trait Extract<Req> {
     -> Result<Admission, BoxError>;
 }
 
+/// Any closure or function that returns a key: `None` bypasses the table.
+///
+/// `K` is turned into a [`Fingerprint`] on every request: a `String` or `&str` is hashed with
+/// SHA-256 ([`Fingerprint::of`]), after the closure allocated it if it returns a `String`.
+/// That is the general path; [`NaturalKey`] is the fast one for keys the request already
+/// carries (a keyed SipHash over borrowed bytes, no allocation), and a closure returning a
+/// precomputed [`Fingerprint`] costs nothing to convert.
 impl<Req, K, F> Extract<Req> for F
 where
     F: Fn(&Req) -> Option<K>,

@@ -67,7 +67,8 @@
 //! # Building blocks
 //!
 //! - [`Extract`]: how a request becomes a [`Fingerprint`] key, and how a request that has to
-//!   lead is verified. Any `Fn(&Req) -> Option<K>` is one; [`HttpExtract`] is the HTTP front.
+//!   lead is verified. Any `Fn(&Req) -> Option<K>` is one; [`NaturalKey`] keys requests by
+//!   bytes they carry (a user id) without allocating; [`HttpExtract`] is the HTTP front.
 //! - [`Share`]: how one result is stored, replayed and answered. [`CloneResponse`] (the
 //!   default) clones `Clone` responses and replays every `Ok`; [`HttpShare`] buffers whole
 //!   HTTP responses.
@@ -388,7 +389,10 @@ pub use crate::{
     audit::{AuditEvent, InvalidationScope},
     error::BoxError,
     handle::Handle,
-    key::{Admission, Extract, Extracted, Fingerprint, Fingerprinter, MIN_SECRET_LEN},
+    key::{
+        Admission, Extract, Extracted, Fingerprint, Fingerprinter, MIN_SECRET_LEN, NaturalKey,
+        OwnedKey,
+    },
     layer::{Builder, RefreshCoalesceLayer},
     metrics::Stats,
     outcome::{Coalesced, Outcome},

@@ -17,7 +17,7 @@ use support::{Calls, Gated, until};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_refresh_coalesce::{
-    Admission, BoxError, Extract, Extracted, Fingerprint, RefreshCoalesceLayer,
+    Admission, BoxError, Extract, Extracted, Fingerprint, NaturalKey, RefreshCoalesceLayer,
     error::{Elapsed, Failure, LeaderFailed, Limit, Overloaded, Shared},
 };
 
@@ -611,6 +611,66 @@ async fn requests_without_a_key_bypass_the_table() {
     assert_eq!(service.clone().oneshot(Req::new("")).await.unwrap(), "#1");
     assert_eq!(service.clone().oneshot(Req::new("")).await.unwrap(), "#2");
     assert_eq!((handle.stats().bypassed, handle.stats().entries), (2, 0));
+}
+
+/// A natural key borrowed from the request, hashed under a deployment secret.
+fn by_natural_key() -> NaturalKey<impl Fn(&Req) -> Option<&str> + Clone + Send + Sync + 'static> {
+    NaturalKey::new(b"a deployment secret of 32 bytes!", |req: &Req| {
+        Some(req.key.as_str())
+    })
+    .expect("a 32-byte secret")
+}
+
+/// Sends one request per key at once; answers once every caller has led or joined.
+async fn two_callers(keys: [&str; 2]) -> (Vec<String>, usize, (u64, u64)) {
+    let inner = Gated::closed();
+    let layer = RefreshCoalesceLayer::new(by_natural_key());
+    let handle = layer.handle();
+    let service = layer.layer(inner.service(key_and_call));
+    let tasks: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(caller, key)| {
+            let request = Req {
+                key: (*key).to_owned(),
+                caller,
+            };
+            tokio::spawn(service.clone().oneshot(request))
+        })
+        .collect();
+    until(|| {
+        let stats = handle.stats();
+        stats.leader + stats.joined == 2
+    })
+    .await;
+    inner.open();
+    let responses = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task").expect("response"))
+        .collect();
+    let stats = handle.stats();
+    (responses, inner.calls(), (stats.leader, stats.joined))
+}
+
+#[tokio::test]
+async fn two_callers_of_one_natural_key_make_one_inner_call() {
+    let (responses, calls, (leaders, joined)) = two_callers(["alice", "alice"]).await;
+    assert_eq!(calls, 1);
+    assert_eq!((leaders, joined), (1, 1));
+    assert_eq!(responses, ["alice#1", "alice#1"]);
+}
+
+#[tokio::test]
+async fn callers_of_two_natural_keys_make_two_inner_calls() {
+    let (mut responses, calls, (leaders, joined)) = two_callers(["alice", "bob"]).await;
+    assert_eq!(calls, 2);
+    assert_eq!((leaders, joined), (2, 0));
+    responses.sort();
+    assert!(
+        matches!(responses.as_slice(), [a, b] if a.starts_with("alice#") && b.starts_with("bob#")),
+        "{responses:?}"
+    );
 }
 
 /// A service that panics when called without `poll_ready`, like tower's `ConcurrencyLimit`.

@@ -42,7 +42,7 @@ use futures_util::future::Shared;
 use tokio::time::Instant;
 
 use self::{
-    entry::{Cold, Entry, Running, State},
+    entry::{Cold, Entry, Name, Running, State, name},
     guard::{Place, WaiterSlot},
     slot::{KeyedFold, Slot, make_room},
 };
@@ -99,7 +99,7 @@ struct Shard {
 
 /// How many entries each group has, by the group's first 64 bits (a keyed hash: collisions
 /// are as unlikely as they are harmless, since they only blur the reuse count). Entries keep
-/// their whole group, which `invalidate_group` matches exactly.
+/// their group's first 128 bits ([`Name`]), which `invalidate_group` matches.
 type GroupCounts = Mutex<HashMap<u64, u32, KeyedFold>>;
 
 /// What a request finds for its key.
@@ -205,13 +205,10 @@ impl Table {
         lock(&self.shards[key.shard()].map)
     }
 
-    /// The entry count of `group`, locked.
-    fn group_counts(
-        &self,
-        group: &Fingerprint,
-    ) -> (MutexGuard<'_, HashMap<u64, u32, KeyedFold>>, u64) {
+    /// The entry count of the group named `group`, locked.
+    fn group_counts(&self, group: &Name) -> (MutexGuard<'_, HashMap<u64, u32, KeyedFold>>, u64) {
         let mut head = [0u8; 8];
-        head.copy_from_slice(&group.as_bytes()[..8]);
+        head.copy_from_slice(&group[..8]);
         let tag = u64::from_le_bytes(head);
         (lock(&self.groups[(tag >> 56) as usize % GROUP_SHARDS]), tag)
     }
@@ -363,7 +360,7 @@ impl Table {
         // Given back if `start` panics (spawning does without a runtime), or if the group is
         // full.
         let place = Place(&self.len);
-        let group = admission.group_key().copied();
+        let group = admission.group_key().map(name);
         // The group's count is checked and taken under its lock, around the spawn, so that
         // leaders of one group in several shards cannot pass the cap together.
         let mut counts = group.map(|group| self.group_counts(&group));
@@ -389,7 +386,7 @@ impl Table {
         if let Some(tag) = admission.tag_key() {
             // Counted like a group (never nested in another group's lock), so that
             // `invalidate_group` of a tag with no entries costs one lookup too.
-            let (mut counts, tag) = self.group_counts(tag);
+            let (mut counts, tag) = self.group_counts(&name(tag));
             make_room(&mut counts);
             *counts.entry(tag).or_insert(0) += 1;
         }
@@ -478,8 +475,10 @@ impl Table {
     /// Removes every entry of `group`; returns how many.
     ///
     /// Visits the shards one at a time (logout is rare; the table is bounded), matching each
-    /// entry's whole group; a group with no entries costs one lookup.
+    /// entry's group by its first 128 bits, as keys are matched; a group with no entries
+    /// costs one lookup.
     pub(crate) fn invalidate_group(&self, group: &Fingerprint) -> usize {
+        let group = &name(group);
         {
             let (counts, tag) = self.group_counts(group);
             if !counts.contains_key(&tag) {

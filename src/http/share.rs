@@ -147,20 +147,24 @@ fn is_nonce_challenge(status: StatusCode, headers: &HeaderMap) -> bool {
 }
 
 /// A response read to its end and kept compact, as it lives for the whole replay window:
-/// headers and trailers packed in one allocation each, the body at its exact size.
+/// headers and body packed in one reference-counted allocation of exactly their size,
+/// trailers in another.
 struct Buffered {
     status: StatusCode,
     version: Version,
-    headers: wire::Packed,
-    body: Bytes,
-    /// Boxed: only gRPC responses have trailers.
-    trailers: Option<Box<wire::Packed>>,
     /// What the replay predicate said when the response was buffered.
     replayable: bool,
+    /// The packed headers, then the body. An `Arc<[u8]>` rather than `Bytes`: `Bytes` would
+    /// put its reference count in an allocation of its own the first time it is shared,
+    /// which stays for the replay window; each rebuilt response borrows this one instead.
+    packed: Arc<[u8]>,
+    /// Where the body starts in `packed`.
+    body_at: usize,
+    /// Boxed: only gRPC responses have trailers.
+    trailers: Option<Box<wire::Packed>>,
 }
 
 impl Buffered {
-    /// Headers and body share one allocation of exactly their size.
     fn new(
         status: StatusCode,
         version: Version,
@@ -169,27 +173,36 @@ impl Buffered {
         trailers: Option<&HeaderMap>,
         replay_if: &ReplayIf,
     ) -> Self {
-        let (packed, body) = wire::Packed::pack_with(headers, body);
+        let (packed, body_at) = wire::pack_with(headers, body);
         Self {
             status,
             version,
-            headers: packed,
-            body,
-            trailers: trailers.map(|trailers| Box::new(wire::Packed::pack(trailers))),
             // RFC 9449 §8: a nonce challenge answers one proof; replaying it would hand a
             // stale nonce to the next one, whatever the policy says.
             replayable: replay_if(status, headers, trailers)
                 && !is_nonce_challenge(status, headers),
+            packed: packed.into(),
+            body_at,
+            trailers: trailers.map(|trailers| Box::new(wire::Packed::pack(trailers))),
         }
+    }
+
+    /// The headers and the body, sharing `packed` (one reference and one small allocation
+    /// per response, freed with it).
+    fn unpack(&self) -> (HeaderMap, Bytes) {
+        let all = Bytes::from_owner(self.packed.clone());
+        let headers = wire::Packed::front(&all, self.body_at).unpack();
+        (headers, all.slice(self.body_at..))
     }
 
     /// Its stored form, for other instances.
     fn encode(&self) -> Vec<u8> {
+        let (headers, body) = self.packed.split_at(self.body_at);
         wire::encode(
             self.status,
             self.version,
-            &self.headers,
-            &self.body,
+            headers,
+            body,
             self.trailers.as_deref(),
         )
     }
@@ -284,11 +297,11 @@ where
         let mut response = match &value.kind {
             SharedKind::Buffered(buffered) => {
                 let trailers = buffered.trailers.as_ref().map(|trailers| trailers.unpack());
-                let mut response =
-                    Response::new(ResponseBody::full(buffered.body.clone(), trailers));
+                let (headers, body) = buffered.unpack();
+                let mut response = Response::new(ResponseBody::full(body, trailers));
                 *response.status_mut() = buffered.status;
                 *response.version_mut() = buffered.version;
-                *response.headers_mut() = buffered.headers.unpack();
+                *response.headers_mut() = headers;
                 response
             }
             SharedKind::Streamed(slot) => match take(slot) {
@@ -435,9 +448,14 @@ mod tests {
         );
         assert!(buffered.replayable);
         assert_eq!(
-            buffered.headers.unpack(),
-            headers,
-            "packed headers unpack as they were"
+            buffered.unpack(),
+            (headers.clone(), body.clone()),
+            "packed headers and body unpack as they were"
+        );
+        assert_eq!(
+            buffered.packed.len(),
+            4 + (8 + 10 + 3) * 2 + (8 + 13 + 8) + body.len(),
+            "one allocation of exactly the packed size"
         );
         let bytes = buffered.encode();
         let decoded = wire::decode(&bytes).expect("decodes");

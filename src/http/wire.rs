@@ -48,25 +48,13 @@ pub(super) struct Packed(Bytes);
 
 impl Packed {
     pub(super) fn pack(headers: &HeaderMap) -> Self {
-        Self::pack_with(headers, &[]).0
+        let (all, _) = pack_with(headers, &[]);
+        Self(Bytes::from(all))
     }
 
-    /// Packs `headers` and appends `tail` in the same allocation, of exactly their
-    /// size; returns the packed headers and the tail, which share it.
-    pub(super) fn pack_with(headers: &HeaderMap, tail: &[Bytes]) -> (Self, Bytes) {
-        let len = headers
-            .iter()
-            .map(|(name, value)| 8 + name.as_str().len() + value.len())
-            .sum::<usize>();
-        let tail_len = tail.iter().map(Bytes::len).sum::<usize>();
-        let mut out = Vec::with_capacity(4 + len + tail_len);
-        put_headers(&mut out, headers);
-        let split = out.len();
-        for chunk in tail {
-            out.extend_from_slice(chunk);
-        }
-        let all = Bytes::from(out);
-        (Self(all.slice(..split)), all.slice(split..))
+    /// The headers packed at the front of `all`, up to `end`.
+    pub(super) fn front(all: &Bytes, end: usize) -> Self {
+        Self(all.slice(..end))
     }
 
     /// The headers again. Values share the packed bytes; nothing is copied but names
@@ -88,20 +76,37 @@ impl Packed {
     }
 }
 
+/// Packs `headers` and appends `tail`, in one buffer of exactly their size; returns it and
+/// where the tail starts.
+pub(super) fn pack_with(headers: &HeaderMap, tail: &[Bytes]) -> (Vec<u8>, usize) {
+    let len = headers
+        .iter()
+        .map(|(name, value)| 8 + name.as_str().len() + value.len())
+        .sum::<usize>();
+    let tail_len = tail.iter().map(Bytes::len).sum::<usize>();
+    let mut out = Vec::with_capacity(4 + len + tail_len);
+    put_headers(&mut out, headers);
+    let split = out.len();
+    for chunk in tail {
+        out.extend_from_slice(chunk);
+    }
+    (out, split)
+}
+
 /// The stored form of one response, its headers and trailers already packed.
 pub(super) fn encode(
     status: StatusCode,
     version: Version,
-    headers: &Packed,
+    headers: &[u8],
     body: &[u8],
     trailers: Option<&Packed>,
 ) -> Vec<u8> {
     let trailers_len = trailers.map_or(0, |t| t.0.len());
-    let mut out = Vec::with_capacity(16 + headers.0.len() + body.len() + trailers_len);
+    let mut out = Vec::with_capacity(16 + headers.len() + body.len() + trailers_len);
     out.push(FORMAT);
     out.extend_from_slice(&status.as_u16().to_be_bytes());
     out.push(version_code(version));
-    out.extend_from_slice(&headers.0);
+    out.extend_from_slice(headers);
     put(&mut out, body);
     match trailers {
         Some(trailers) => {

@@ -12,6 +12,7 @@
 mod across;
 mod dump;
 mod faults;
+mod natural;
 mod topologies;
 
 use std::{
@@ -24,12 +25,12 @@ use std::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use futures_util::future::join_all;
-use http::{Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use support::redis::{RedisCluster, RedisSentinel, RedisServer, cluster::key_slot};
 use support::tokens::{self, REFRESH_TYP, SECRET};
-use support::{Gate, until};
+use support::{Calls, Gate, until};
 use tokio::{
     task::JoinHandle,
     time::{Instant, timeout},
