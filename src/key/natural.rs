@@ -4,7 +4,6 @@
 use std::{
     fmt,
     future::{Ready, ready},
-    hash::Hasher as _,
 };
 
 use siphasher::sip128::SipHasher24;
@@ -32,7 +31,8 @@ const FILLER: [u8; 16] = *b"natural-key/v1\0\0";
 /// The SipHash key is derived from the secret with [`Fingerprinter`] (HMAC-SHA256) under a
 /// domain of its own, so every instance configured with the same secret derives the same
 /// keys and meets the others' entries in a shared [`Store`](crate::store::Store). The
-/// hashed input is the natural key's length (8 bytes, little-endian) followed by its bytes.
+/// hashed input is the natural key's bytes alone: each hash has one input, and SipHash's
+/// last block carries the input's length.
 /// The resulting [`Fingerprint`] holds the 128-bit hash in its first 16 bytes and the fixed
 /// ASCII filler `natural-key/v1` followed by two zero bytes in the other 16, so that a
 /// natural key never equals a SHA-256 or HMAC fingerprint by accident.
@@ -145,12 +145,10 @@ impl<F> NaturalKey<F> {
     /// ```
     pub fn fingerprint(&self, natural: impl AsRef<[u8]>) -> Fingerprint {
         let natural = natural.as_ref();
-        let mut hasher = self.hasher;
-        // The length first: the input is framed, whatever bytes follow. It fills one block
-        // exactly, so `hash` goes on over the bytes in place (its one-pass path).
-        hasher.write(&(natural.len() as u64).to_le_bytes());
+        // One input per hash: SipHash's last block carries the input's length, so inputs of
+        // different lengths (runs of zero bytes included) never share a padded form.
         let mut bytes = [0u8; 32];
-        bytes[..16].copy_from_slice(&hasher.hash(natural).as_bytes());
+        bytes[..16].copy_from_slice(&self.hasher.hash(natural).as_bytes());
         bytes[16..].copy_from_slice(&FILLER);
         Fingerprint::from_bytes(bytes)
     }
@@ -316,9 +314,7 @@ mod tests {
         let derived = mac.finalize().into_bytes();
         let mut key = [0u8; 16];
         key.copy_from_slice(&derived[..16]);
-        let mut framed = (natural.len() as u64).to_le_bytes().to_vec();
-        framed.extend_from_slice(natural);
-        let hash = SipHasher24::new_with_key(&key).hash(&framed).as_bytes();
+        let hash = SipHasher24::new_with_key(&key).hash(natural).as_bytes();
         let mut bytes = [0u8; 32];
         bytes[..16].copy_from_slice(&hash);
         bytes[16..].copy_from_slice(b"natural-key/v1\0\0");
@@ -326,7 +322,7 @@ mod tests {
     }
 
     #[test]
-    fn the_key_is_siphash_of_the_framed_input_under_the_derived_key() {
+    fn the_key_is_siphash_of_the_input_under_the_derived_key() {
         let key = by_str(SECRET);
         for natural in [
             "alice",
