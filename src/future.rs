@@ -273,7 +273,7 @@ where
         }
         Ok(Found::Join(waiter)) => {
             flights.counters.record(Outcome::Joined);
-            leader::link_flight(&waiter.span);
+            leader::link_flight(waiter.span.as_ref());
             tracing::debug!(flight = waiter.id, "joined flight");
             Step::Wait(waiter, Served::Joined)
         }
@@ -304,6 +304,10 @@ fn answer<R, E, P>(
 where
     P: Share<R, E>,
 {
+    // The value itself, or (when the flight's span was recorded) with its replay window.
+    if let Some(value) = value.downcast_ref::<P::Value>() {
+        return flights.share.respond(value, served);
+    }
     match value.downcast_ref::<Flown<P::Value>>() {
         Some(flown) => {
             if served == Served::Replayed {

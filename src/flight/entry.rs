@@ -87,6 +87,7 @@ pub(super) enum State {
 pub(super) struct Running {
     pub(super) future: FlightFuture,
     pub(super) waiters: sync::Arc<AtomicUsize>,
-    /// The span the flight's task runs in: callers who join link to it.
-    pub(super) span: tracing::Span,
+    /// The span the flight's task runs in, when a subscriber records it: callers who join
+    /// link to it. Boxed, so that a flight without one costs a word, not a span.
+    pub(super) span: Option<Box<tracing::Span>>,
 }

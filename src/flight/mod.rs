@@ -124,9 +124,10 @@ pub(crate) enum Lookup<T> {
 pub(crate) struct Waiter {
     pub(crate) id: u64,
     pub(crate) future: FlightFuture,
-    /// The flight's span, for a caller who joined (the leader's own request is its parent):
-    /// holding it keeps the span open while the caller links to it.
-    pub(crate) span: tracing::Span,
+    /// The flight's span, for a caller who joined (the leader's own request is its parent),
+    /// when a subscriber records it: holding it keeps the span open while the caller links to
+    /// it.
+    pub(crate) span: Option<tracing::Span>,
     _slot: WaiterSlot,
 }
 
@@ -292,7 +293,7 @@ impl Table {
                 Some(Found::Join(Waiter {
                     id,
                     future: future.clone(),
-                    span: span.clone(),
+                    span: span.as_deref().cloned(),
                     _slot: WaiterSlot(waiters.clone()),
                 }))
             }
@@ -373,6 +374,7 @@ impl Table {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let Launched { future, span } = start(id).into();
+        let span = (!span.is_disabled()).then(|| Box::new(span));
         let waiters = sync::Arc::new(AtomicUsize::new(1));
         let mut reuse = false;
         if let Some((counts, tag)) = &mut counts {
@@ -412,7 +414,7 @@ impl Table {
         let waiter = Waiter {
             id,
             future,
-            span: tracing::Span::none(),
+            span: None,
             _slot: WaiterSlot(waiters),
         };
         Ok((Lead::Started(waiter), reuse))

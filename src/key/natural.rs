@@ -6,7 +6,7 @@ use std::{
     future::{Ready, ready},
 };
 
-use siphasher::sip128::SipHasher24;
+use siphasher::sip128::SipHasher13;
 
 use super::{Admission, Extract, Extracted, Fingerprint, Fingerprinter, check_secret};
 use crate::error::{BoxError, BuildError};
@@ -22,8 +22,9 @@ const FILLER: [u8; 16] = *b"natural-key/v1\0\0";
 ///
 /// A closure returning a `String` is also an [`Extract`], but every call then allocates the
 /// string and hashes it with SHA-256 ([`Fingerprint::of`]). `NaturalKey` borrows the bytes
-/// from the request (`|r: &Req| Some(r.user.as_str())`) and hashes them with SipHash-2-4 with
-/// a 128-bit output, keyed from a secret: a pseudorandom function, so clients that do not
+/// from the request (`|r: &Req| Some(r.user.as_str())`) and hashes them with SipHash-1-3 with
+/// a 128-bit output, keyed from a secret: a keyed pseudorandom function (the variant Rust's
+/// standard `HashMap` keys itself with against chosen collisions), so clients that do not
 /// know the secret can neither predict keys nor choose two inputs whose keys collide (which
 /// would merge two users' requests). Owning closures, for keys that have to be built, go
 /// through [`owned`](NaturalKey::owned).
@@ -71,7 +72,7 @@ const FILLER: [u8; 16] = *b"natural-key/v1\0\0";
 /// ```
 #[derive(Clone)]
 pub struct NaturalKey<F> {
-    hasher: SipHasher24,
+    hasher: SipHasher13,
     key_of: F,
 }
 
@@ -126,7 +127,7 @@ impl<F> NaturalKey<F> {
         Self::with(derive_random(), key_of)
     }
 
-    fn with(hasher: SipHasher24, key_of: F) -> Self {
+    fn with(hasher: SipHasher13, key_of: F) -> Self {
         Self { hasher, key_of }
     }
 
@@ -199,20 +200,20 @@ impl<F> fmt::Debug for NaturalKey<F> {
 }
 
 /// The SipHash key of `secret`: the first 128 bits of its HMAC in this module's domain.
-fn derive(secret: &[u8]) -> Result<SipHasher24, BuildError> {
+fn derive(secret: &[u8]) -> Result<SipHasher13, BuildError> {
     check_secret(secret)?;
     Ok(from_fingerprinter(&Fingerprinter::keyed(secret)))
 }
 
-fn derive_random() -> SipHasher24 {
+fn derive_random() -> SipHasher13 {
     from_fingerprinter(&Fingerprinter::random())
 }
 
-fn from_fingerprinter(keys: &Fingerprinter) -> SipHasher24 {
+fn from_fingerprinter(keys: &Fingerprinter) -> SipHasher13 {
     let derived = keys.fingerprint(DOMAIN, &[]);
     let mut key = [0u8; 16];
     key.copy_from_slice(&derived.as_bytes()[..16]);
-    SipHasher24::new_with_key(&key)
+    SipHasher13::new_with_key(&key)
 }
 
 fn coalesce<Req>(
@@ -274,7 +275,7 @@ mod tests {
     use futures_util::FutureExt as _;
     use hmac::{Hmac, Mac};
     use sha2::Sha256;
-    use siphasher::sip128::SipHasher24;
+    use siphasher::sip128::SipHasher13;
 
     use super::*;
 
@@ -314,7 +315,7 @@ mod tests {
         let derived = mac.finalize().into_bytes();
         let mut key = [0u8; 16];
         key.copy_from_slice(&derived[..16]);
-        let hash = SipHasher24::new_with_key(&key).hash(natural).as_bytes();
+        let hash = SipHasher13::new_with_key(&key).hash(natural).as_bytes();
         let mut bytes = [0u8; 32];
         bytes[..16].copy_from_slice(&hash);
         bytes[16..].copy_from_slice(b"natural-key/v1\0\0");

@@ -125,7 +125,7 @@ where
         let result = tokio::time::timeout(flights.hard_cap, run).await;
         let outcome = match result {
             Ok(Ok((value, replay))) => {
-                let value: Value = Arc::new(Flown::new(value, id, replay.is_some()));
+                let value = Flown::erase(value, id, replay.is_some());
                 // An invalidation removed the entry while the flight ran (here, or on another
                 // instance through the store's listener): the result is revoked for every
                 // caller, not only for the next request.
@@ -161,7 +161,9 @@ where
     }
 }
 
-/// A flight's value as the table keeps it, with the span of its replay window.
+/// A flight's value with the span of its replay window, as the table keeps it when a
+/// subscriber records the flight's span; otherwise the table keeps the value alone (see
+/// [`Flown::erase`]), so that a replay costs nothing more without tracing.
 pub(crate) struct Flown<V> {
     pub(crate) value: V,
     /// A span that lives as long as the value is replayed, linked to the flight's span, so
@@ -173,18 +175,24 @@ pub(crate) struct Flown<V> {
     replay: Option<Box<tracing::Span>>,
 }
 
-impl<V> Flown<V> {
-    /// Called inside the flight's span.
-    fn new(value: V, flight: u64, replayed: bool) -> Self {
+impl<V: Send + Sync + 'static> Flown<V> {
+    /// The value as the table keeps it: a `Flown` when the flight's span (the current one:
+    /// called inside it) is recorded and the value is replayed, else the value itself.
+    fn erase(value: V, flight: u64, replayed: bool) -> Value {
         let current = tracing::Span::current();
-        let replay = (replayed && !current.is_disabled()).then(|| {
-            let replay = tracing::info_span!(parent: None, "refresh_coalesce_replay", flight);
-            replay.follows_from(&current);
-            Box::new(replay)
-        });
-        Self { value, replay }
+        if !replayed || current.is_disabled() {
+            return Arc::new(value);
+        }
+        let replay = tracing::info_span!(parent: None, "refresh_coalesce_replay", flight);
+        replay.follows_from(&current);
+        Arc::new(Self {
+            value,
+            replay: Some(Box::new(replay)),
+        })
     }
+}
 
+impl<V> Flown<V> {
     /// Links the current span (a replayed request's) to the replay window's span.
     pub(crate) fn link_replay(&self) {
         if let Some(id) = self.replay.as_deref().and_then(tracing::Span::id) {
@@ -194,8 +202,8 @@ impl<V> Flown<V> {
 }
 
 /// Links the current span (a joined request's) to the span of the flight it joined.
-pub(crate) fn link_flight(flight: &tracing::Span) {
-    if let Some(id) = flight.id() {
+pub(crate) fn link_flight(flight: Option<&tracing::Span>) {
+    if let Some(id) = flight.and_then(tracing::Span::id) {
         tracing::Span::current().follows_from(id);
     }
 }
