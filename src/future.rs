@@ -234,7 +234,7 @@ where
                 Err(error) => return Step::Refuse(error, Outcome::Rejected, None),
             };
             let subject = if flights.audit.is_set() {
-                admission.shared_subject()
+                core.extract.subject(&request).map(Arc::<str>::from)
             } else {
                 None
             };

@@ -11,7 +11,6 @@ use std::{
     fmt,
     future::{Future, Ready, ready},
     hash::{Hash, Hasher},
-    sync::Arc,
     time::SystemTime,
 };
 
@@ -268,7 +267,6 @@ pub struct Admission {
     tag: Option<Fingerprint>,
     not_after: Option<SystemTime>,
     seal: Option<[u8; 32]>,
-    subject: Option<Arc<str>>,
 }
 
 impl fmt::Debug for Admission {
@@ -278,7 +276,6 @@ impl fmt::Debug for Admission {
             .field("tag", &self.tag)
             .field("not_after", &self.not_after)
             .field("seal", &self.seal.map(|_| "<redacted>"))
-            .field("subject", &self.subject)
             .finish()
     }
 }
@@ -333,23 +330,6 @@ impl Admission {
     /// The token-derived sealing secret, if any.
     pub fn seal_key(&self) -> Option<&[u8; 32]> {
         self.seal.as_ref()
-    }
-
-    /// Names the verified subject of the request (the HTTP front sets the token's `sub`), for
-    /// [audit events](crate::AuditEvent). It is not stored in the table.
-    #[must_use]
-    pub fn subject(mut self, subject: impl Into<Arc<str>>) -> Self {
-        self.subject = Some(subject.into());
-        self
-    }
-
-    /// The verified subject, if any.
-    pub fn subject_name(&self) -> Option<&str> {
-        self.subject.as_deref()
-    }
-
-    pub(crate) fn shared_subject(&self) -> Option<Arc<str>> {
-        self.subject.clone()
     }
 
     /// The entry's group, if any.
@@ -422,6 +402,15 @@ pub trait Extract<Req> {
     /// [`RefreshGrant`](crate::http::RefreshGrant) in its extensions).
     fn admit(&self, token: Self::Token, request: &mut Self::Request)
     -> Result<Admission, BoxError>;
+
+    /// The verified subject of a request that [`admit`](Extract::admit) accepted, for
+    /// [audit events](crate::AuditEvent); `None` by default. Called only when the layer has an
+    /// audit hook, so that a request without one pays nothing for it (the HTTP front reads
+    /// the `sub` of the [`RefreshGrant`](crate::http::RefreshGrant) it put in the request).
+    fn subject<'r>(&self, request: &'r Self::Request) -> Option<&'r str> {
+        let _ = request;
+        None
+    }
 }
 
 /// Any closure or function that returns a key: `None` bypasses the table.

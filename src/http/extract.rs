@@ -391,6 +391,11 @@ where
         request.extensions_mut().insert(grant);
         Ok(admission)
     }
+
+    fn subject<'r>(&self, request: &'r Self::Request) -> Option<&'r str> {
+        let grant = request.extensions().get::<RefreshGrant>()?;
+        grant.claims()?.subject.as_deref()
+    }
 }
 
 type ExtractResult<B> = Result<Extracted<Candidate, Request<RequestBody<B>>>, BoxError>;

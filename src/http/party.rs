@@ -79,9 +79,7 @@ pub(super) fn admission(keys: &Fingerprinter, token: &str, verified: &Verified) 
         .seal(keys.token_seal(token))
         .tag(keys.token_tag(token));
     if let Some(subject) = &verified.subject {
-        admission = admission
-            .group(keys.subject_group(subject))
-            .subject(subject.as_str());
+        admission = admission.group(keys.subject_group(subject));
     }
     if let Some(expires_at) = verified.expires_at {
         admission = admission.not_after(expires_at);
