@@ -180,7 +180,7 @@ impl Credentials {
     }
 
     /// Clears the tokens (a logout) with a new generation: requests then fail with
-    /// [`NoCredentials`] until [`set`](Self::set) is called. With a store, every process
+    /// [`NoCredentials`](super::error::NoCredentials) until [`set`](Self::set) is called. With a store, every process
     /// sharing it sees the logout.
     pub async fn clear(&self) -> Result<u64, StoreError> {
         self.put(Session::Ended(Reason::Cleared)).await

@@ -175,7 +175,7 @@ impl fmt::Debug for Tokens {
     }
 }
 
-/// What a [`Credentials`] cell holds.
+/// What a [`Credentials`](super::Credentials) cell holds.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Session {
