@@ -2,21 +2,8 @@
 //!
 //! [`Stats`] snapshots are always available from a [`Handle`](crate::Handle). With the
 //! `metrics` feature the same events also go to the `metrics` facade, and with the
-//! `opentelemetry` feature to an OpenTelemetry meter ([`otel`](crate::otel)), under the same
-//! names (OpenTelemetry's conventions: dotted, durations in seconds; a Prometheus exporter
-//! writes `refresh_coalesce_requests_total`):
-//!
-//! | name | kind | attributes |
-//! |---|---|---|
-//! | `refresh_coalesce.requests` | counter | `outcome` |
-//! | `refresh_coalesce.reuse_suspected` | counter | |
-//! | `refresh_coalesce.store.events` | counter | `event` |
-//! | `refresh_coalesce.wait.duration` | histogram, s | |
-//! | `refresh_coalesce.inner.duration` | histogram, s | |
-//! | `refresh_coalesce.store.duration` | histogram, s | `command` |
-//! | `refresh_coalesce.flights.active` | gauge | |
-//! | `refresh_coalesce.entries` | gauge | |
-//! | `refresh_coalesce.breaker.open` | gauge | |
+//! `opentelemetry` feature to an OpenTelemetry meter (`otel.rs`), under the names of
+//! [`names`]; the crate documentation lists them (section Observability).
 
 use std::sync::atomic::{
     AtomicU64,

@@ -149,7 +149,7 @@ impl Coalesced {
 }
 
 /// The snake-case name of a rejection.
-pub(crate) fn rejection(rejection: &Rejection) -> &'static str {
+fn rejection(rejection: &Rejection) -> &'static str {
     match rejection {
         Rejection::MissingToken => "missing_token",
         Rejection::Malformed(_) => "malformed",
@@ -162,7 +162,7 @@ pub(crate) fn rejection(rejection: &Rejection) -> &'static str {
 }
 
 /// The snake-case name of a limit.
-pub(crate) fn limit(limit: Limit) -> &'static str {
+fn limit(limit: Limit) -> &'static str {
     match limit {
         Limit::Entries => "entries",
         Limit::Waiters => "waiters",
@@ -171,7 +171,7 @@ pub(crate) fn limit(limit: Limit) -> &'static str {
 }
 
 /// The snake-case name of a failure.
-pub(crate) fn failure(failure: Failure) -> &'static str {
+fn failure(failure: Failure) -> &'static str {
     match failure {
         Failure::Panicked => "panicked",
         Failure::HardCap => "hard_cap",

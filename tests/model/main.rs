@@ -15,7 +15,7 @@
 //! ```text
 //! cargo test --all-features --test model                          # 256 cases per property
 //! PROPTEST_CASES=10000 cargo test --all-features --test model     # about a minute
-//! cargo test --all-features --test model -- --ignored --nocapture coverage
+//! cargo test -p tower-refresh-coalesce --all-features --test model -- --ignored --nocapture coverage
 //! ```
 //!
 //! Failures are not persisted to a file (`failure_persistence: None`): a shrunk
@@ -512,7 +512,7 @@ fn cover(event: &'static str) {
 }
 
 /// Prints what the generated cases exercise (how often each path of the model was taken):
-/// `cargo test --all-features --test model -- --ignored --nocapture coverage`.
+/// `cargo test -p tower-refresh-coalesce --all-features --test model -- --ignored --nocapture coverage`.
 #[test]
 #[ignore = "a report, not a check"]
 fn coverage() {

@@ -13,7 +13,7 @@
 //! | `POST /auth/refresh` | the same `200` shape with `Cache-Control: no-store`, `Pragma: no-cache` and `Set-Cookie: refresh_token=...; HttpOnly; Secure; SameSite=Strict; Path=/auth`; no token `400 {"error":"invalid_request"}`; invalid, expired, revoked or reused token [`INVALID_GRANT_STATUS`] `{"error":"invalid_grant"}`; malformed `Authorization: Basic`, or failed client authentication, `401 {"error":"invalid_client"}`; another client's token `invalid_grant`; a form with another `grant_type` `400 {"error":"unsupported_grant_type"}` |
 //! | `POST /auth/logout` | revokes the token's family: `200 {"status":"logged_out"}` (idempotent), invalid token `invalid_grant` |
 //! | `GET /api/me` | `Authorization: Bearer <access token>` -> `200 {"sub": ...}`; anything else `401 {"error":"invalid_token"}` |
-//! | `GET /metrics` | OpenMetrics text: `refresh_rotations_total`, `refresh_reuse_detected_total`, `refresh_requests_total{outcome}`, `login_requests_total{outcome}`, `logout_requests_total{outcome}` |
+//! | `GET /metrics` | OpenMetrics text: `refresh_rotations_total`, `refresh_reuse_detected_total`, `refresh_requests_total{outcome}`, `login_requests_total{outcome}`, `logout_requests_total{outcome}`, and the coalescing layer's OpenTelemetry instruments (`refresh_coalesce_requests_total{outcome}`, `refresh_coalesce_wait_duration_seconds`, `refresh_coalesce_flights_active`, ...) |
 //! | `GET /healthz` | `200 ok` |
 //!
 //! Refresh and logout take the token as JSON `{"refresh_token"}`, as an RFC 6749 §6 form

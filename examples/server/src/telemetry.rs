@@ -102,13 +102,8 @@ fn labels<'a>(attributes: impl Iterator<Item = &'a opentelemetry::KeyValue>) -> 
 /// The Prometheus name and unit of an instrument.
 fn prometheus_name(metric: &Metric) -> (String, Option<Unit>) {
     let name = metric.name().replace('.', "_");
-    match metric.unit() {
-        "s" => (
-            name.strip_suffix("_seconds").unwrap_or(&name).to_owned(),
-            Some(Unit::Seconds),
-        ),
-        _ => (name, None),
-    }
+    let unit = (metric.unit() == "s").then_some(Unit::Seconds);
+    (name, unit)
 }
 
 /// Writes the points of one family: with their labels, or, for a single point without
@@ -140,31 +135,26 @@ fn encode(metric: &Metric, encoder: &mut DescriptorEncoder) -> Result<(), std::f
         _ => return Ok(()),
     };
     let family = encoder.encode_descriptor(&name, help, unit.as_ref(), kind)?;
+    let counter = matches!(kind, MetricType::Counter);
+    let values: Vec<(Labels, u64)> = match metric.data() {
+        AggregatedMetrics::U64(MetricData::Sum(sum)) => sum
+            .data_points()
+            .map(|point| (labels(point.attributes()), point.value()))
+            .collect(),
+        AggregatedMetrics::U64(MetricData::Gauge(gauge)) => gauge
+            .data_points()
+            .map(|point| (labels(point.attributes()), point.value()))
+            .collect(),
+        _ => Vec::new(),
+    };
     match metric.data() {
-        AggregatedMetrics::U64(MetricData::Sum(sum)) => {
-            let points = sum
-                .data_points()
-                .map(|point| (labels(point.attributes()), point.value()))
-                .collect();
-            if sum.is_monotonic() {
-                write_points(family, points, |metric, value| {
-                    ConstCounter::new(*value).encode(metric)
-                })?;
+        AggregatedMetrics::U64(_) => write_points(family, values, |metric, value| {
+            if counter {
+                ConstCounter::new(*value).encode(metric)
             } else {
-                write_points(family, points, |metric, value| {
-                    ConstGauge::new(*value as i64).encode(metric)
-                })?;
-            }
-        }
-        AggregatedMetrics::U64(MetricData::Gauge(gauge)) => {
-            let points = gauge
-                .data_points()
-                .map(|point| (labels(point.attributes()), point.value()))
-                .collect();
-            write_points(family, points, |metric, value| {
                 ConstGauge::new(*value as i64).encode(metric)
-            })?;
-        }
+            }
+        })?,
         AggregatedMetrics::F64(MetricData::Histogram(histogram)) => {
             let points = histogram
                 .data_points()
