@@ -69,8 +69,7 @@ pub(crate) fn failed(
         end(Session::Ended(Reason::Refused));
         return Failure::NoCredentials(NoCredentials::with_source(Reason::Refused, error));
     }
-    let (initial, max) = core.backoff;
-    let failure = shared.fail(generation, kind, error, initial, max);
+    let failure = shared.fail(generation, kind, error, &core.backoff);
     tracing::warn!(
         generation,
         retry_after = ?failure.retry_after(),

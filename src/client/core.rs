@@ -2,7 +2,7 @@
 
 use std::{fmt, time::Duration};
 
-use super::{credentials::Credentials, refresher::Refresher};
+use super::{backoff::BackoffPolicy, credentials::Credentials, refresher::Refresher};
 
 /// The credentials, the refresh service and the settings of one layer, in an `Arc` that
 /// every service, clone and flight task holds.
@@ -15,8 +15,8 @@ pub(crate) struct Core {
     pub(crate) max_body: usize,
     /// The longest a call of the refresh service may take.
     pub(crate) refresh_timeout: Duration,
-    /// The first back-off after a failed refresh, and the longest.
-    pub(crate) backoff: (Duration, Duration),
+    /// The wait after failed refreshes.
+    pub(crate) backoff: BackoffPolicy,
 }
 
 impl fmt::Debug for Core {

@@ -14,6 +14,7 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
+    backoff::BackoffPolicy,
     error::{Reason, RefreshFailed},
     metrics::{ClientCounters, ClientStats},
     session::{Session, Snapshot, Tokens},
@@ -246,25 +247,21 @@ impl Shared {
         state.snapshot.clone()
     }
 
-    /// Records a failed refresh of generation `at`: the next attempt waits, doubling from
-    /// `initial` up to `max` with each failure in a row. Returns the failure as requests
-    /// receive it.
+    /// Records a failed refresh of generation `at`: the next attempt waits as `backoff` says
+    /// for this many failures in a row. Returns the failure as requests receive it.
     pub(crate) fn fail(
         &self,
         at: u64,
         kind: super::error::RefreshErrorKind,
         source: Arc<crate::BoxError>,
-        initial: Duration,
-        max: Duration,
+        backoff: &BackoffPolicy,
     ) -> RefreshFailed {
         let mut state = self.lock();
         let failures = match &state.backoff {
             Some(backoff) if state.snapshot.generation == at => backoff.failures + 1,
             _ => 1,
         };
-        let delay = initial
-            .saturating_mul(1u32 << (failures - 1).min(20))
-            .min(max);
+        let delay = backoff.delay(failures);
         let failure = RefreshFailed::shared(kind, delay, source);
         if state.snapshot.generation == at {
             state.backoff = Some(Backoff {

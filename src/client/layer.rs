@@ -11,6 +11,7 @@ use tower_service::Service;
 
 use super::{
     authorizer::Authorizer,
+    backoff::BackoffPolicy,
     core::Core,
     credentials::Credentials,
     refresher::{RefreshRequest, RefreshWith, Refresher},
@@ -78,7 +79,7 @@ impl BearerAuthLayer {
             refresh_ahead: Duration::from_secs(30),
             max_body: 64 * 1024,
             refresh_timeout: Duration::from_secs(30),
-            backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            backoff: BackoffPolicy::DEFAULT,
         }
     }
 
@@ -117,7 +118,7 @@ pub struct Builder {
     refresh_ahead: Duration,
     max_body: usize,
     refresh_timeout: Duration,
-    backoff: (Duration, Duration),
+    backoff: BackoffPolicy,
 }
 
 impl Builder {
@@ -150,11 +151,30 @@ impl Builder {
     }
 
     /// After a failed refresh (other than `invalid_grant`), no new attempt is made for
-    /// `initial`, doubling with each failure in a row up to `max`; meanwhile requests that
-    /// need a refresh fail at once with the failure. Default: 500 ms, up to 30 s.
+    /// `initial`, doubling with each failure in a row up to `max`, less a random part (see
+    /// [`backoff_jitter`](Self::backoff_jitter)); meanwhile requests that need a refresh
+    /// fail at once with the failure, whose
+    /// [`retry_after`](super::error::RefreshFailed::retry_after) tells the wait. Default:
+    /// 500 ms, up to 30 s.
     #[must_use]
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff = (initial, max.max(initial));
+        self.backoff.initial = initial;
+        self.backoff.max = max.max(initial);
+        self
+    }
+
+    /// The share of each back-off, from 0 to 1, that is taken off at random, so that
+    /// processes that saw one token server fail together do not all try again at the same
+    /// instant (processes sharing a [`CredentialStore`](super::CredentialStore) are
+    /// serialised by its lock anyway). 0 makes the back-off exact; values outside `[0, 1]`
+    /// are clamped. Default: 0.5, each wait between half and all of its doubled delay.
+    #[must_use]
+    pub fn backoff_jitter(mut self, jitter: f64) -> Self {
+        self.backoff.jitter = if jitter.is_nan() {
+            0.0
+        } else {
+            jitter.clamp(0.0, 1.0)
+        };
         self
     }
 

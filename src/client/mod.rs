@@ -165,6 +165,7 @@
 
 mod attempt;
 mod authorizer;
+mod backoff;
 pub mod body;
 mod core;
 mod credentials;

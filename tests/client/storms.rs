@@ -214,6 +214,7 @@ async fn a_transient_failure_reaches_the_waiters_and_the_next_attempt_backs_off(
     auth.expire_access();
     let client = client_with(&auth, &credentials, Gate::open_now(), |b| {
         b.backoff(Duration::from_secs(1), Duration::from_secs(4))
+            .backoff_jitter(0.0)
     });
 
     let failed = refresh_failed(send(client.clone(), get("/api")).await);
@@ -246,6 +247,7 @@ async fn the_back_off_doubles_up_to_its_bound() {
     auth.expire_access();
     let client = client_with(&auth, &credentials, Gate::open_now(), |b| {
         b.backoff(Duration::from_secs(1), Duration::from_secs(4))
+            .backoff_jitter(0.0)
     });
     let mut waits = Vec::new();
     for _ in 0..6 {
@@ -255,6 +257,38 @@ async fn the_back_off_doubles_up_to_its_bound() {
     }
     assert_eq!(waits, [1, 2, 4, 4, 4, 4]);
     assert_eq!(auth.refreshes.get(), 6, "one attempt per back-off");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_jittered_back_off_is_held_exactly_as_long_as_it_says() {
+    let auth = Auth::new();
+    auth.fail_next(&[Failing::Transient; 4]);
+    let credentials = Credentials::from_tokens(auth.login());
+    auth.expire_access();
+    // The default jitter: each wait is between half and all of its doubled delay.
+    let client = client_with(&auth, &credentials, Gate::open_now(), |b| {
+        b.backoff(Duration::from_secs(8), Duration::from_secs(64))
+    });
+    for (attempt, full) in [8u64, 16, 32, 64].into_iter().enumerate() {
+        let failed = refresh_failed(send(client.clone(), get("/api")).await);
+        let wait = failed.retry_after();
+        let full = Duration::from_secs(full);
+        assert!(
+            full / 2 <= wait && wait <= full,
+            "{wait:?} outside [{:?}, {full:?}]",
+            full / 2
+        );
+        assert_eq!(auth.refreshes.get(), attempt + 1);
+        // Until the wait is over, a rejected request fails at once without an attempt.
+        tokio::time::advance(wait - Duration::from_millis(1)).await;
+        let again = refresh_failed(send(client.clone(), get("/api")).await);
+        assert_eq!(again.retry_after(), wait, "the same failure");
+        assert_eq!(auth.refreshes.get(), attempt + 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    let response = send(client.clone(), get("/api")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(auth.refreshes.get(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
