@@ -105,7 +105,10 @@
 //! interceptor does); that is what the layer retries. A status sent in the trailers of a
 //! streamed answer arrives after the response was handed on, and is not. A call made after
 //! the credentials ended fails with the layer's error, which tonic reports as `Unknown`
-//! with the [`NoCredentials`](error::NoCredentials) as its source.
+//! with the [`NoCredentials`](error::NoCredentials) as its source; to report it as
+//! `UNAUTHENTICATED`, as a refused call is, put a `map_err` above the layer that turns it
+//! into a `tonic::Status` (tonic takes a `Status` found in a service's error as the call's
+//! status): the `grpc` example's `grpc_status` does.
 //!
 //! # reqwest
 //!

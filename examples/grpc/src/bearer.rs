@@ -2,7 +2,8 @@
 //! client layer, refreshing through `TokenService/Refresh`.
 //!
 //! ```text
-//! AccountServiceClient ──► BearerAuth (authorization: Bearer, one refresh per generation,
+//! AccountServiceClient ──► map_err(NoCredentials → UNAUTHENTICATED)
+//!                        ──► BearerAuth (authorization: Bearer, one refresh per generation,
 //!                          each UNAUTHENTICATED call sent again once)
 //!                        ──► map_request(tonic::body::Body::new) ──► Channel
 //! ```
@@ -10,9 +11,13 @@
 //! A call the interceptor refuses comes back as a trailers-only `UNAUTHENTICATED`; the layer
 //! refreshes once for every such call of one generation (through the `Refresh` rpc, with
 //! the refresh token in `x-refresh-token`), and sends each call again with the new token.
+//! A call made once the credentials have ended is never sent: the layer fails it with
+//! `NoCredentials`, which [`grpc_status`] turns into `UNAUTHENTICATED` too (tonic would
+//! report an error it does not know as `UNKNOWN`).
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,12 +28,16 @@ use tonic::{
     body::Body,
     transport::{Channel, Endpoint},
 };
-use tower::{ServiceBuilder, util::MapRequest};
+use tower::{
+    ServiceBuilder,
+    util::{MapErr, MapRequest},
+};
 use tower_refresh_coalesce::{
     BoxError,
     client::{
         BearerAuth, BearerAuthLayer, ClientBody, Credentials, RefreshRequest, Tokens,
-        error::RefreshError, refresh_fn,
+        error::{NoCredentials, RefreshError},
+        refresh_fn,
     },
 };
 
@@ -41,8 +50,23 @@ use crate::{
 };
 
 /// A channel with the client layer in front: what `AccountServiceClient` runs on.
-pub type Authenticated =
-    BearerAuth<MapRequest<Channel, fn(Request<ClientBody<Body>>) -> Request<Body>>>;
+pub type Authenticated = MapErr<
+    BearerAuth<MapRequest<Channel, fn(Request<ClientBody<Body>>) -> Request<Body>>>,
+    fn(BoxError) -> BoxError,
+>;
+
+/// The layer's errors as tonic reports them: a call refused because the credentials ended
+/// fails with `UNAUTHENTICATED` (the layer's [`NoCredentials`] as its source), as a call
+/// the server refuses does. tonic takes a `Status` found in the error as the call's status;
+/// other errors (the transport's) pass unchanged.
+pub fn grpc_status(error: BoxError) -> BoxError {
+    if !error.is::<NoCredentials>() {
+        return error;
+    }
+    let mut status = Status::unauthenticated(error.to_string());
+    status.set_source(Arc::from(error));
+    Box::new(status)
+}
 
 /// A channel's request body from the layer's: tonic's own type, wrapping it.
 fn tonic_body(request: Request<ClientBody<Body>>) -> Request<Body> {
@@ -52,6 +76,7 @@ fn tonic_body(request: Request<ClientBody<Body>>) -> Request<Body> {
 /// `channel` behind `layer`.
 pub fn authenticated(channel: Channel, layer: &BearerAuthLayer) -> Authenticated {
     ServiceBuilder::new()
+        .map_err(grpc_status as fn(BoxError) -> BoxError)
         .layer(layer.clone())
         .map_request(tonic_body as fn(Request<ClientBody<Body>>) -> Request<Body>)
         .service(channel)

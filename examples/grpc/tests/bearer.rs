@@ -74,22 +74,26 @@ async fn a_refused_refresh_token_ends_the_credentials_after_one_attempt() {
         .await
         .expect("the storm runs");
 
-    let mut rejected = 0;
+    let (mut rejected, mut never_sent) = (0u64, 0);
     for reply in &report.replies {
         let status = reply.as_ref().expect_err("refused");
-        if status.code() == Code::Unauthenticated {
+        // Every call fails with the code a refused call gets.
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        match std::error::Error::source(status) {
             // Sent, refused by the interceptor, and answered with that refusal.
-            rejected += 1;
-            continue;
+            None => rejected += 1,
+            // Called once the credentials had ended: never sent; the layer's error is the
+            // status's source.
+            Some(source) => {
+                let no = source
+                    .downcast_ref::<NoCredentials>()
+                    .expect("NoCredentials");
+                assert_eq!(no.reason(), Reason::Refused);
+                never_sent += 1;
+            }
         }
-        // Called once the credentials had ended: never sent. tonic reports the layer's
-        // error as `Unknown`, with the error as its source.
-        let source = std::error::Error::source(status).expect("the layer's error");
-        let no = source
-            .downcast_ref::<NoCredentials>()
-            .expect("NoCredentials");
-        assert_eq!(no.reason(), Reason::Refused);
     }
+    assert_eq!(rejected as usize + never_sent, CALLS);
     assert_eq!(report.refreshes, 1, "one attempt, never a loop");
     assert_eq!(
         service.calls().get(),
@@ -102,4 +106,21 @@ async fn a_refused_refresh_token_ends_the_credentials_after_one_attempt() {
         credentials.snapshot().session,
         Session::Ended(Reason::Refused)
     ));
+
+    // Calls made once the credentials have ended are not sent, and fail as a refused
+    // call does: `UNAUTHENTICATED`, with the layer's error as the status's source.
+    let later = me_storm(addr, credentials.clone(), 10)
+        .await
+        .expect("the calls run");
+    for reply in &later.replies {
+        let status = reply.as_ref().expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        let source = std::error::Error::source(status).expect("the layer's error");
+        let no = source
+            .downcast_ref::<NoCredentials>()
+            .expect("NoCredentials");
+        assert_eq!(no.reason(), Reason::Refused);
+    }
+    assert_eq!(later.refreshes, 0);
+    assert_eq!(account.rejected.get(), rejected, "nothing more was sent");
 }
