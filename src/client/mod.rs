@@ -26,7 +26,8 @@
 //!   nothing retries in a loop;
 //! - other failures (a `5xx`, a connection error, a timeout) reach the waiting requests as
 //!   [`RefreshFailed`](error::RefreshFailed), and the next attempt **backs off** (500 ms,
-//!   doubling up to 30 s);
+//!   doubling up to 30 s, less up to half of each wait at random:
+//!   [`Builder::backoff_jitter`]);
 //! - at most one refresh per credentials is in flight, and a refresh token is never
 //!   presented after it was rotated: a refresh re-reads the credentials before it calls
 //!   anything.

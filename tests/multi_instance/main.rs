@@ -499,6 +499,11 @@ async fn call(service: Service, token: &str) -> Seen {
         .header(header::AUTHORIZATION, format!("Bearer {token}"))
         .body(Body::default())
         .expect("request");
+    respond(service, request).await
+}
+
+/// What a client sees of `service`'s answer to `request`.
+async fn respond(service: Service, request: Request<Body>) -> Seen {
     let response = service
         .oneshot(request)
         .await

@@ -9,8 +9,6 @@ use super::*;
 /// The user a request refreshes for.
 const USER: &str = "x-user";
 
-type NaturalService = BoxCloneService<Request<Body>, Response<ResponseBody<Body>>, Infallible>;
-
 /// One instance: a layer keyed by the `x-user` header under `secret`, sharing HTTP responses
 /// through `shared`, in front of a handler that counts its calls in `calls` and waits at
 /// `gate`.
@@ -19,7 +17,7 @@ fn instance(
     secret: &[u8],
     calls: &Calls,
     gate: &Gate,
-) -> (NaturalService, Handle, Option<RedisStore>) {
+) -> (Service, Handle, Option<RedisStore>) {
     let by_user = NaturalKey::new(secret, |r: &Request<Body>| {
         r.headers().get(USER).map(HeaderValue::as_bytes)
     })
@@ -57,23 +55,13 @@ fn instance(
     (BoxCloneService::new(layer.layer(inner)), handle, redis)
 }
 
-async fn refresh(service: NaturalService, user: &str) -> (StatusCode, Value) {
+async fn refresh(service: Service, user: &str) -> (StatusCode, Value) {
     let request = Request::post("/auth/refresh")
         .header(USER, user)
         .body(Body::default())
         .expect("request");
-    let response = service
-        .oneshot(request)
-        .await
-        .unwrap_or_else(|never| match never {});
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, serde_json::from_slice(&body).expect("a JSON body"))
+    let seen = respond(service, request).await;
+    (seen.status, seen.json())
 }
 
 /// Instance A leads alice's refresh, held at the gate; B, built with the same secret,
